@@ -1,0 +1,617 @@
+"""IFEval-style instruction checkers for the supported subset of instruction ids.
+
+One module shared by the data script, the evaluation and the verifier reward.
+
+The checkers follow the semantics of google-research
+``instruction_following_eval/instructions.py`` (Zhou et al. 2023, arXiv:2311.07911) for the
+eight ids listed in ``SUPPORTED_IDS``. Deliberate deviations from upstream, all noted where
+they occur:
+
+* ``change_case:*``: no language detection (upstream also requires ``langdetect`` to say "en").
+* ``keywords:existence``: keywords are matched literally (``re.escape``); upstream passes the
+  keyword to ``re.search`` as a raw pattern.
+* kwargs are validated strictly. Where upstream would silently draw a *random* value (missing,
+  ``None``, empty or negative argument) we raise ``ValueError`` instead. Extra kwargs whose
+  value is ``None`` are ignored, as upstream effectively does.
+
+Evaluation level vs. raw checkers: like upstream ``evaluation_lib``, an instruction only
+counts as followed when the response is non-blank (``response.strip()``). That guard lives in
+``check_instruction`` / ``check_record``; the raw functions in ``CHECKERS`` do not apply it
+(e.g. ``CHECKERS["punctuation:no_comma"]("", {})`` is ``True`` but
+``check_instruction("punctuation:no_comma", "", {})`` is ``False``).
+
+The "loose" variant (``loose=True``) follows upstream ``test_instruction_following_loose``:
+an instruction passes if it passes on any of eight variants of the response (as is, without
+its first line, without its last line, without both, and each of these with every ``*``
+removed), ignoring blank variants.
+
+Fixers (``apply_constraint`` / ``apply_constraints``) turn plain text into text satisfying
+an instruction, for synthetic data generation. They never use evaluation prompts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "CHECKERS",
+    "FIX_ORDER",
+    "SUPPORTED_IDS",
+    "UnknownInstructionError",
+    "apply_constraint",
+    "apply_constraints",
+    "check_instruction",
+    "check_record",
+    "describe",
+    "validate_record",
+]
+
+LOWERCASE = "change_case:english_lowercase"
+CAPITAL = "change_case:english_capital"
+NO_COMMA = "punctuation:no_comma"
+NUMBER_WORDS = "length_constraints:number_words"
+END_CHECKER = "startend:end_checker"
+KEYWORDS = "keywords:existence"
+BULLETS = "detectable_format:number_bullet_lists"
+QUOTATION = "startend:quotation"
+
+RELATIONS = ("less than", "at least")
+
+# The 25 upstream IFEval ids (for a clearer error message on ids we do not support).
+_UPSTREAM_IDS = frozenset(
+    {
+        "change_case:capital_word_frequency",
+        "change_case:english_capital",
+        "change_case:english_lowercase",
+        "combination:repeat_prompt",
+        "combination:two_responses",
+        "detectable_content:number_placeholders",
+        "detectable_content:postscript",
+        "detectable_format:constrained_response",
+        "detectable_format:json_format",
+        "detectable_format:multiple_sections",
+        "detectable_format:number_bullet_lists",
+        "detectable_format:number_highlighted_sections",
+        "detectable_format:title",
+        "keywords:existence",
+        "keywords:forbidden_words",
+        "keywords:frequency",
+        "keywords:letter_frequency",
+        "language:response_language",
+        "length_constraints:nth_paragraph_first_word",
+        "length_constraints:number_paragraphs",
+        "length_constraints:number_sentences",
+        "length_constraints:number_words",
+        "punctuation:no_comma",
+        "startend:end_checker",
+        "startend:quotation",
+    }
+)
+
+
+class UnknownInstructionError(ValueError):
+    """An instruction id that is not in ``SUPPORTED_IDS``.
+
+    Attributes:
+        instruction_id: the offending id.
+        where: location given by the caller (e.g. ``"data/x.jsonl row 3"``), may be empty.
+        suggestion: closest supported id, or ``None``.
+    """
+
+    def __init__(self, instruction_id: str, where: str = "") -> None:
+        self.instruction_id = instruction_id
+        self.where = where
+        self.suggestion = _suggest(instruction_id)
+        msg = f"unknown instruction id {instruction_id!r}"
+        if isinstance(instruction_id, str) and instruction_id in _UPSTREAM_IDS:
+            msg += " (an IFEval id outside our supported subset)"
+        if self.suggestion:
+            msg += f"; did you mean {self.suggestion!r}?"
+        msg += " Supported ids: " + ", ".join(SUPPORTED_IDS)
+        super().__init__(_at(where, msg))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _at(where: str, msg: str) -> str:
+    return f"{where}: {msg}" if where else msg
+
+
+def _suggest(instruction_id: object) -> str | None:
+    if not isinstance(instruction_id, str):
+        return None
+    match = difflib.get_close_matches(instruction_id, SUPPORTED_IDS, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    # Fall back on the part after the group, e.g. "english_lowercase" or "case:lowercase".
+    names = {i.split(":", 1)[1]: i for i in SUPPORTED_IDS}
+    tail = instruction_id.rsplit(":", 1)[-1]
+    match = difflib.get_close_matches(tail, list(names), n=1, cutoff=0.6)
+    return names[match[0]] if match else None
+
+
+def count_words(text: str) -> int:
+    """Count words like upstream (nltk ``RegexpTokenizer(r"\\w+")``)."""
+    return len(re.findall(r"\w+", text))
+
+
+_BULLET_STAR = re.compile(r"^\s*\*[^\*].*$", flags=re.MULTILINE)
+_BULLET_DASH = re.compile(r"^\s*-.*$", flags=re.MULTILINE)
+
+
+def count_bullets(text: str) -> int:
+    """Count bullet lines exactly like upstream (``*`` bullets plus ``-`` bullets)."""
+    return len(_BULLET_STAR.findall(text)) + len(_BULLET_DASH.findall(text))
+
+
+def _is_bullet_line(line: str) -> bool:
+    return count_bullets(line) > 0
+
+
+# --------------------------------------------------------------------------- kwargs
+
+
+def _int_ge0(name: str, value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be an int, got {type(value).__name__} {value!r}"
+    if value < 0:
+        return f"{name} must be >= 0, got {value}"
+    return None
+
+
+def _relation(name: str, value: Any) -> str | None:
+    if value not in RELATIONS:
+        return f"{name} must be one of {RELATIONS}, got {value!r}"
+    return None
+
+
+def _nonempty_str(name: str, value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return f"{name} must be a non-empty string, got {value!r}"
+    return None
+
+
+def _keyword_list(name: str, value: Any) -> str | None:
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(k, str) and k.strip() for k in value)
+    ):
+        return f"{name} must be a non-empty list of non-empty strings, got {value!r}"
+    return None
+
+
+# instruction id -> {kwarg name: validator}; every listed kwarg is required.
+_KWARG_SPECS: dict[str, dict[str, Callable[[str, Any], str | None]]] = {
+    LOWERCASE: {},
+    CAPITAL: {},
+    NO_COMMA: {},
+    NUMBER_WORDS: {"num_words": _int_ge0, "relation": _relation},
+    END_CHECKER: {"end_phrase": _nonempty_str},
+    KEYWORDS: {"keywords": _keyword_list},
+    BULLETS: {"num_bullets": _int_ge0},
+    QUOTATION: {},
+}
+
+
+def _require_known(instruction_id: str, where: str = "") -> None:
+    if not isinstance(instruction_id, str) or instruction_id not in CHECKERS:
+        raise UnknownInstructionError(instruction_id, where)
+
+
+def _clean_kwargs(
+    instruction_id: str, kwargs: Mapping[str, Any] | None, where: str = ""
+) -> dict[str, Any]:
+    """Validate kwargs for a (known) id; drop ``None`` extras; return a clean copy."""
+    _require_known(instruction_id, where)
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(
+            _at(where, f"{instruction_id}: kwargs must be a dict, got {type(kwargs).__name__}")
+        )
+    spec = _KWARG_SPECS[instruction_id]
+    clean = {k: v for k, v in kwargs.items() if v is not None}
+    extra = sorted(set(clean) - set(spec))
+    if extra:
+        expected = ", ".join(spec) or "none"
+        raise ValueError(
+            _at(where, f"{instruction_id}: unexpected kwarg(s) {extra} (expected: {expected})")
+        )
+    for name, validator in spec.items():
+        if name not in clean:
+            raise ValueError(_at(where, f"{instruction_id}: missing required kwarg {name!r}"))
+        problem = validator(name, clean[name])
+        if problem:
+            raise ValueError(_at(where, f"{instruction_id}: {problem}"))
+    return clean
+
+
+# --------------------------------------------------------------------------- checkers
+# Raw upstream ``check_following`` semantics; kwargs are assumed valid (see _clean_kwargs).
+
+
+def _check_lowercase(text: str, kwargs: dict) -> bool:
+    # Upstream: value.islower() and langdetect says "en"; we skip language detection.
+    return text.islower()
+
+
+def _check_capital(text: str, kwargs: dict) -> bool:
+    # Upstream: value.isupper() and langdetect says "en"; we skip language detection.
+    return text.isupper()
+
+
+def _check_no_comma(text: str, kwargs: dict) -> bool:
+    return "," not in text
+
+
+def _check_number_words(text: str, kwargs: dict) -> bool:
+    n = count_words(text)
+    if kwargs["relation"] == "less than":
+        return n < kwargs["num_words"]
+    return n >= kwargs["num_words"]
+
+
+def _check_end(text: str, kwargs: dict) -> bool:
+    value = text.strip().strip('"').lower()
+    return value.endswith(kwargs["end_phrase"].strip().lower())
+
+
+def _check_keywords(text: str, kwargs: dict) -> bool:
+    # Deviation: upstream uses re.search(keyword, ...) with the keyword as a raw regex;
+    # we escape it so keywords such as "c++" or "u.s." are matched literally.
+    return all(
+        re.search(re.escape(keyword), text, flags=re.IGNORECASE) for keyword in kwargs["keywords"]
+    )
+
+
+def _check_bullets(text: str, kwargs: dict) -> bool:
+    return count_bullets(text) == kwargs["num_bullets"]
+
+
+def _check_quotation(text: str, kwargs: dict) -> bool:
+    value = text.strip()
+    return len(value) > 1 and value[0] == '"' and value[-1] == '"'
+
+
+CHECKERS: dict[str, Callable[[str, dict], bool]] = {
+    LOWERCASE: _check_lowercase,
+    CAPITAL: _check_capital,
+    NO_COMMA: _check_no_comma,
+    NUMBER_WORDS: _check_number_words,
+    END_CHECKER: _check_end,
+    KEYWORDS: _check_keywords,
+    BULLETS: _check_bullets,
+    QUOTATION: _check_quotation,
+}
+"""Raw checkers ``(text, kwargs) -> bool``, upstream ``check_following`` semantics.
+
+They expect valid kwargs and do not apply the non-blank guard; prefer ``check_instruction``.
+"""
+
+SUPPORTED_IDS: tuple[str, ...] = tuple(sorted(CHECKERS))
+
+
+def _loose_variants(response: str) -> list[str]:
+    """The eight response variants of upstream ``test_instruction_following_loose``."""
+    lines = response.split("\n")
+    remove_first = "\n".join(lines[1:]).strip()
+    remove_last = "\n".join(lines[:-1]).strip()
+    remove_both = "\n".join(lines[1:-1]).strip()
+    return [
+        response,
+        response.replace("*", ""),
+        remove_first,
+        remove_last,
+        remove_both,
+        remove_first.replace("*", ""),
+        remove_last.replace("*", ""),
+        remove_both.replace("*", ""),
+    ]
+
+
+def check_instruction(
+    instruction_id: str,
+    response: str,
+    kwargs: Mapping[str, Any] | None,
+    *,
+    loose: bool = False,
+) -> bool:
+    """Whether ``response`` follows one instruction (evaluation semantics).
+
+    A blank response never follows an instruction (upstream ``response.strip()`` guard).
+    With ``loose=True`` the instruction passes if any loose variant passes.
+
+    Raises:
+        UnknownInstructionError: ``instruction_id`` is not supported.
+        ValueError: kwargs are invalid (missing/ill-typed kwarg, unexpected non-None kwarg).
+    """
+    clean = _clean_kwargs(instruction_id, kwargs)
+    checker = CHECKERS[instruction_id]
+    candidates = _loose_variants(response) if loose else [response]
+    return any(c.strip() and checker(c, clean) for c in candidates)
+
+
+def check_record(
+    response: str,
+    instruction_id_list: Sequence[str],
+    kwargs_list: Sequence[Mapping[str, Any] | None],
+    loose: bool = False,
+) -> list[bool]:
+    """One bool per instruction: whether ``response`` follows it (strict or loose).
+
+    Prompt-level accuracy is ``all(result)``; instruction-level accuracy averages the bools.
+
+    Raises:
+        ValueError: the two lists differ in length, or kwargs are invalid.
+        UnknownInstructionError: an id is not supported.
+    """
+    if len(instruction_id_list) != len(kwargs_list):
+        raise ValueError(
+            f"{len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts"
+        )
+    return [
+        check_instruction(i, response, kw, loose=loose)
+        for i, kw in zip(instruction_id_list, kwargs_list)
+    ]
+
+
+def validate_record(record: Mapping[str, Any], where: str = "") -> None:
+    """Check that a record's instructions are supported and their kwargs are valid.
+
+    ``where`` names the location for error messages, e.g. ``"data/x.jsonl row 3"``.
+
+    Raises:
+        UnknownInstructionError: an id is not supported (message names the id, ``where``,
+            a "did you mean" suggestion and the supported ids).
+        ValueError: missing/ill-typed ``instruction_id_list`` or ``kwargs``, length mismatch,
+            or an invalid/missing kwarg (named in the message).
+    """
+    if not isinstance(record, Mapping):
+        raise ValueError(_at(where, f"record must be a dict, got {type(record).__name__}"))
+    ids = record.get("instruction_id_list")
+    kwargs_list = record.get("kwargs")
+    if not isinstance(ids, list):
+        raise ValueError(_at(where, "record needs 'instruction_id_list' (a list)"))
+    if not isinstance(kwargs_list, list):
+        raise ValueError(_at(where, "record needs 'kwargs' (a list of dicts)"))
+    if len(ids) != len(kwargs_list):
+        raise ValueError(
+            _at(where, f"{len(ids)} instruction ids but {len(kwargs_list)} kwargs dicts")
+        )
+    for index, (instruction_id, kwargs) in enumerate(zip(ids, kwargs_list)):
+        loc = f"{where} instruction {index}" if where else f"instruction {index}"
+        _clean_kwargs(instruction_id, kwargs, loc)
+
+
+def describe(instruction_id: str, kwargs: Mapping[str, Any] | None) -> str:
+    """Short human-readable description, e.g. ``"at least 120 words"``."""
+    kw = _clean_kwargs(instruction_id, kwargs)
+    if instruction_id == LOWERCASE:
+        return "all lowercase letters"
+    if instruction_id == CAPITAL:
+        return "all capital letters"
+    if instruction_id == NO_COMMA:
+        return "no commas"
+    if instruction_id == NUMBER_WORDS:
+        return f"{kw['relation']} {kw['num_words']} words"
+    if instruction_id == END_CHECKER:
+        return f"ends with {kw['end_phrase'].strip()!r}"
+    if instruction_id == KEYWORDS:
+        words = ", ".join(repr(k) for k in kw["keywords"])
+        return f"includes keyword{'s' if len(kw['keywords']) > 1 else ''} {words}"
+    if instruction_id == BULLETS:
+        n = kw["num_bullets"]
+        return f"exactly {n} bullet point{'' if n == 1 else 's'}"
+    return "wrapped in double quotes"  # QUOTATION
+
+
+# --------------------------------------------------------------------------- fixers
+
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+_LIST_MARKER = re.compile(r"^\s*(?:[*\-\u2022+]|\d+[.)])\s+")
+
+
+def _append_sentence(text: str, sentence: str) -> str:
+    """Append ``sentence`` after ``text``: a new paragraph after a bullet list, else inline."""
+    body = text.rstrip()
+    if not body:
+        return sentence
+    last_line = body.rsplit("\n", 1)[-1]
+    if _is_bullet_line(last_line) and not sentence.lstrip().startswith(("*", "-")):
+        return f"{body}\n\n{sentence}"
+    if body[-1] not in ".!?:;\"')]":
+        body += "."
+    return f"{body} {sentence}"
+
+
+def _join_words(words: Sequence[str]) -> str:
+    if len(words) <= 2:
+        return " and ".join(words)
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _fix_lowercase(text: str, kw: dict) -> str:
+    return text.lower()
+
+
+def _fix_capital(text: str, kw: dict) -> str:
+    return text.upper()
+
+
+def _fix_no_comma(text: str, kw: dict) -> str:
+    # Commas before a line end vanish; other commas become one space ("a, b" -> "a b").
+    # Only spaces/tabs are consumed so line structure (bullets) is kept.
+    text = re.sub(r"[ \t]*,[ \t]*(?=\n|$)", "", text)
+    return re.sub(r"[ \t]*,[ \t]*", " ", text)
+
+
+def _fix_number_words(text: str, kw: dict) -> str:
+    limit = kw["num_words"]
+    if kw["relation"] == "at least" or count_words(text) < limit:
+        return text  # "at least": caller must check; we never pad with filler.
+    if limit <= 1:
+        raise ValueError(f"cannot trim text to less than {limit} words and keep it non-empty")
+    # Prefer cutting at the latest sentence end or line end that is under the limit.
+    cuts = {m.end() for m in _SENTENCE_END.finditer(text)}
+    cuts |= {m.start() for m in re.finditer(r"\n", text)}
+    for cut in sorted(cuts, reverse=True):
+        head = text[:cut].rstrip()
+        if head.strip() and count_words(head) < limit:
+            return head
+    # First sentence alone is too long: keep the first limit-1 words.
+    words = list(re.finditer(r"\w+", text))
+    return text[: words[limit - 2].end()].rstrip()
+
+
+def _fix_end(text: str, kw: dict) -> str:
+    if _check_end(text, kw):
+        return text
+    return _append_sentence(text, kw["end_phrase"].strip())
+
+
+def _fix_keywords(text: str, kw: dict) -> str:
+    missing = [
+        k for k in kw["keywords"] if not re.search(re.escape(k), text, flags=re.IGNORECASE)
+    ]
+    if not missing:
+        return text
+    return _append_sentence(text, f"It also touches on {_join_words(missing)}.")
+
+
+def _fix_bullets(text: str, kw: dict) -> str:
+    n = kw["num_bullets"]
+    if _check_bullets(text, kw):
+        return text
+    units: list[str] = []
+    for line in text.splitlines():
+        line = _LIST_MARKER.sub("", line).strip()
+        if line:
+            units.extend(s.strip() for s in _SENTENCE_SPLIT.split(line) if s.strip())
+    if n == 0:
+        return " ".join(units)
+    if not units:
+        raise ValueError(f"cannot make {n} bullet points from empty text")
+    # Too few sentences: split the longest unit at its middle word until we have n.
+    while len(units) < n:
+        i = max(range(len(units)), key=lambda j: len(units[j].split()))
+        parts = units[i].split()
+        if len(parts) < 2:
+            raise ValueError(f"text has too few words for {n} bullet points")
+        half = len(parts) // 2
+        units[i : i + 1] = [" ".join(parts[:half]), " ".join(parts[half:])]
+    # Too many: merge consecutive sentences into n balanced groups.
+    q, r = divmod(len(units), n)
+    bullets, start = [], 0
+    for b in range(n):
+        size = q + (1 if b < r else 0)
+        bullets.append("* " + " ".join(units[start : start + size]))
+        start += size
+    return "\n".join(bullets)
+
+
+def _fix_quotation(text: str, kw: dict) -> str:
+    if _check_quotation(text, kw):
+        return text
+    body = text.strip()
+    # Keep a leading bullet on its own line so the bullet count does not change.
+    opening = '"\n' if body[:1] in ("*", "-") else '"'
+    return f"{opening}{body}\""
+
+
+_FIXERS: dict[str, Callable[[str, dict], str]] = {
+    LOWERCASE: _fix_lowercase,
+    CAPITAL: _fix_capital,
+    NO_COMMA: _fix_no_comma,
+    NUMBER_WORDS: _fix_number_words,
+    END_CHECKER: _fix_end,
+    KEYWORDS: _fix_keywords,
+    BULLETS: _fix_bullets,
+    QUOTATION: _fix_quotation,
+}
+
+FIX_ORDER: tuple[str, ...] = (
+    NUMBER_WORDS,  # trimming first: later fixers never remove words ...
+    BULLETS,  # ... and re-bulleting keeps the word count
+    KEYWORDS,
+    END_CHECKER,
+    LOWERCASE,  # case after the text is final (keyword/end checks are case-insensitive)
+    CAPITAL,
+    NO_COMMA,  # after anything that may add commas
+    QUOTATION,  # last: wraps everything
+)
+"""Order in which ``apply_constraints`` applies fixers."""
+
+
+def apply_constraint(instruction_id: str, text: str, kwargs: Mapping[str, Any] | None) -> str:
+    """Turn plain ``text`` into text that satisfies one instruction (for data generation).
+
+    Returns text passing ``check_instruction``, except for ``number_words`` with
+    ``"at least"``, which returns ``text`` unchanged (no filler is added; the caller checks).
+
+    Raises:
+        ValueError: the instruction cannot be satisfied from this text (e.g. lowercase of a
+            text without letters, fewer words than bullets, "less than 1 word").
+        UnknownInstructionError: ``instruction_id`` is not supported.
+    """
+    clean = _clean_kwargs(instruction_id, kwargs)
+    out = _FIXERS[instruction_id](text, clean)
+    at_least = instruction_id == NUMBER_WORDS and clean["relation"] == "at least"
+    if not at_least and not (out.strip() and CHECKERS[instruction_id](out, clean)):
+        raise ValueError(f"cannot satisfy {describe(instruction_id, clean)!r} for this text")
+    return out
+
+
+def apply_constraints(
+    text: str,
+    instruction_id_list: Sequence[str],
+    kwargs_list: Sequence[Mapping[str, Any] | None],
+) -> str:
+    """Apply every instruction of a record to ``text`` in ``FIX_ORDER``, then recheck all.
+
+    Order: length, bullets, keywords, end phrase, case, no comma, quotation. For
+    ``"less than"`` word limits the trim target is tightened and retried when later fixers
+    (keywords sentence, end phrase) push the count over the limit.
+
+    Raises:
+        ValueError: the instructions cannot all be satisfied (conflicting instructions such
+            as lowercase + capital, an end phrase with a comma + no comma, or an
+            ``"at least"`` word count the text does not reach); the message lists them.
+    """
+    record = {"instruction_id_list": list(instruction_id_list), "kwargs": list(kwargs_list)}
+    validate_record(record)
+    items = [(i, _clean_kwargs(i, kw)) for i, kw in zip(instruction_id_list, kwargs_list)]
+    items.sort(key=lambda item: FIX_ORDER.index(item[0]))  # stable for repeated ids
+    # Trim target per "less than" item; tightened when later fixers add words.
+    targets = {
+        k: kw["num_words"]
+        for k, (i, kw) in enumerate(items)
+        if i == NUMBER_WORDS and kw["relation"] == "less than"
+    }
+    out, failed = text, list(range(len(items)))
+    for _ in range(8):
+        out, after_trim = text, {}
+        for k, (instruction_id, kw) in enumerate(items):
+            if k in targets:
+                kw = {**kw, "num_words": targets[k]}
+            out = _FIXERS[instruction_id](out, kw)
+            if k in targets:
+                after_trim[k] = count_words(out)
+        failed = [k for k, (i, kw) in enumerate(items) if not check_instruction(i, out, kw)]
+        retry = [k for k in failed if k in targets]
+        if not failed or len(retry) != len(failed):
+            break
+        for k in retry:
+            added = count_words(out) - after_trim[k]
+            targets[k] = min(targets[k] - 1, items[k][1]["num_words"] - added)
+        if min(targets[k] for k in retry) <= 1:
+            break
+    if not failed:
+        return out
+    failed_desc = [describe(*items[k]) for k in failed]
+    raise ValueError(f"cannot satisfy all instructions; failing: {failed_desc}")

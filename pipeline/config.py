@@ -1,0 +1,475 @@
+"""Recipes: one dataclass per section, parsed strictly.
+
+A recipe is YAML with `run:`, `model:`, `stages:` and one section per stage. Parsing is strict at
+every depth: an unknown key is an error naming the key, its path and the closest valid key; a wrong
+type names the key and the expected type; YAML syntax errors give the line. Numbers written as
+`1e-4` (which PyYAML reads as a string) are coerced for numeric fields.
+
+Stages refer to each other by name (`policy_from: sft`), resolved by `Recipe.stage_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+STAGE_NAMES = ("sft", "reward", "ppo", "distill", "eval")
+
+
+class RecipeError(ValueError):
+    """A recipe problem a user can fix; the message names the file, key and what would be right."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # Hub id, local directory, a .gguf file, or the builtin name `smollm2-135m-instruct`.
+    name_or_path: str = "smollm2-135m-instruct"
+    # auto: bf16 on a GPU that supports it, fp32 on CPU. Or float32 / bfloat16 / float16.
+    dtype: str = "auto"
+    # auto: cuda if present, else cpu. Or cpu / cuda / cuda:N / mps.
+    device: str = "auto"
+    # bf16 autocast on CPU: auto = on when the CPU has native bf16 (AMX / AVX512-BF16).
+    cpu_autocast: Literal["auto", "on", "off"] = "auto"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+@dataclass
+class SFTConfig:
+    data: str = ""
+    eval_data: Optional[str] = None
+    # When no eval_data is given, hold out this share of `data` for the evaluation loss.
+    eval_fraction: float = 0.05
+    init_from: str = "base"
+    lora: Optional[LoraConfig] = field(default_factory=LoraConfig)
+    lr: float = 2.0e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    completion_only_loss: bool = True
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    logging_steps: int = 5
+    eval_steps: int = 0  # 0: evaluate once per epoch
+    max_rows: Optional[int] = None
+
+
+@dataclass
+class RewardConfig:
+    data: str = ""
+    eval_data: Optional[str] = None
+    eval_fraction: float = 0.1
+    init_from: str = "sft"
+    lora: Optional[LoraConfig] = field(default_factory=LoraConfig)
+    lr: float = 1.0e-4
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    # Bradley-Terry: -log sigmoid(r_c - r_r - margin); use the per-pair `margin` column when present.
+    use_margin: bool = True
+    # Adds center_coef * (r_c + r_r)^2 to keep scores near zero (Eisenstein et al. 2023).
+    center_coef: float = 0.01
+    # Ranked lists: keep ties as pairs? Ties are skipped by default.
+    keep_ties: bool = False
+    logging_steps: int = 5
+    # Prompts whose policy samples give the normalisation statistics saved with the model.
+    norm_prompts: Optional[str] = None
+    norm_samples: int = 64
+    max_new_tokens: int = 96
+    max_rows: Optional[int] = None
+
+
+@dataclass
+class RewardSourceConfig:
+    # `rm` (a reward model: `from` a stage name or path), `verifier` (the task checkers).
+    kind: Literal["rm", "verifier"] = "rm"
+    source: str = "reward"
+    weight: float = 1.0
+
+
+@dataclass
+class PPOConfig:
+    policy_from: str = "sft"
+    reward_from: str = "reward"
+    # Several reward sources summed with weights; when set, replaces reward_from.
+    rewards: Optional[list[RewardSourceConfig]] = None
+    critic_from: Literal["reward", "policy"] = "reward"
+    prompts: str = ""
+    lora: Optional[LoraConfig] = field(default_factory=LoraConfig)
+    advantage: Literal["gae", "reinforce", "rloo"] = "gae"
+    iterations: int = 20
+    rollout_batch_size: int = 16
+    samples_per_prompt: int = 1
+    minibatch_size: int = 8
+    micro_batch_size: int = 8
+    ppo_epochs: int = 2
+    lr: float = 5.0e-5
+    critic_lr: float = 1.0e-4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2
+    clip_coef_v: float = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_in: Literal["reward", "loss"] = "reward"
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    target_approx_kl: Optional[float] = None
+    max_grad_norm: float = 1.0
+    whiten_advantages: bool = True
+    normalize_reward: bool = True
+    missing_eos_penalty: Optional[float] = None
+    log_samples_every: int = 5
+    checkpoint_every: int = 10
+    max_nonfinite_steps: int = 3
+
+
+@dataclass
+class KeepLayersConfig:
+    # `every_2nd`, `every_3rd`, `first_K` (e.g. first_10), or an explicit list of layer indices.
+    keep_layers: Union[str, list[int]] = "every_3rd"
+
+
+@dataclass
+class StudentConfig:
+    name_or_path: Optional[str] = None
+    from_teacher: Optional[KeepLayersConfig] = None
+
+
+@dataclass
+class DistillConfig:
+    teacher_from: str = "ppo"
+    student: StudentConfig = field(default_factory=lambda: StudentConfig(from_teacher=KeepLayersConfig()))
+    prompts: str = ""
+    # Mixture pi_i = beta_i * teacher + (1 - beta_i) * student; beta = 0 is fully on-policy.
+    beta: float = 0.0
+    beta_schedule: Literal["constant", "linear", "exponential"] = "constant"
+    beta_end: float = 0.0
+    beta_decay: float = 0.9
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
+    jsd_beta: float = 0.5
+    estimator: Literal["full", "sampled"] = "full"
+    lora: Optional[LoraConfig] = None
+    iterations: int = 30
+    rollout_batch_size: int = 16
+    minibatch_size: int = 8
+    micro_batch_size: int = 8
+    epochs: int = 1
+    lr: float = 1.0e-4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    max_grad_norm: float = 1.0
+    heldout_prompts: Optional[str] = None
+    log_samples_every: int = 10
+    checkpoint_every: int = 10
+    max_nonfinite_steps: int = 3
+
+
+@dataclass
+class EvalConfig:
+    # Model names: `base`, any stage name (`sft`, `ppo`, `distill`), a local path or a hub id.
+    models: list[str] = field(default_factory=lambda: ["base"])
+    prompts: list[str] = field(default_factory=list)
+    reward_from: Optional[str] = None
+    reference: Optional[str] = None
+    baseline: Optional[str] = None
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    max_prompts: Optional[int] = None
+    num_samples_in_report: int = 3
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: list[str] = field(default_factory=list)
+    sft: Optional[SFTConfig] = None
+    reward: Optional[RewardConfig] = None
+    ppo: Optional[PPOConfig] = None
+    distill: Optional[DistillConfig] = None
+    eval: Optional[EvalConfig] = None
+    # Where the recipe came from (not a YAML key); relative data paths resolve against the cwd.
+    source: Optional[str] = field(default=None, metadata={"internal": True})
+
+    # -- hand-offs between stages ----------------------------------------------------------
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.output_dir / stage
+
+    def resolve_model_ref(self, ref: str) -> str:
+        """`base` -> the recipe's model; a stage name -> that stage's `final/`; else a path or hub id."""
+        if ref == "base":
+            return self.model.name_or_path
+        if ref in STAGE_NAMES:
+            return str(self.stage_dir(ref) / "final")
+        return ref
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return {k: v for k, v in d.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# Strict parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        return f"a list of {_type_name(arg)}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _fail_type(value: Any, tp: Any, path: str, where: str) -> RecipeError:
+    return RecipeError(f"{where}: `{path}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
+
+
+def _coerce(value: Any, tp: Any, path: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path, where)
+            except RecipeError as e:
+                errors.append(e)
+        # A mapping for an Optional[dataclass] should report the inner error (e.g. an unknown key).
+        if isinstance(value, dict) and errors:
+            raise errors[0]
+        raise _fail_type(value, tp, path, where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        extra = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise RecipeError(
+            f"{where}: `{path}` must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}.{extra}"
+        )
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise _fail_type(value, tp, path, where)
+        return [_coerce(v, arg, f"{path}[{i}]", where) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _fail_type(value, tp, path, where)
+        return parse_section(tp, value, path, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail_type(value, tp, path, where)
+    if tp is int:
+        if isinstance(value, bool):
+            raise _fail_type(value, tp, path, where)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise _fail_type(value, tp, path, where) from None
+            if f.is_integer():
+                return int(f)
+        raise _fail_type(value, tp, path, where)
+    if tp is float:
+        if isinstance(value, bool):
+            raise _fail_type(value, tp, path, where)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads `1e-4` (no dot) as a string: accept numeric strings for numeric fields.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _fail_type(value, tp, path, where)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _fail_type(value, tp, path, where)
+    return value
+
+
+def parse_section(cls: type, data: dict, path: str, where: str) -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            extra = f" Did you mean `{hint[0]}`?" if hint else ""
+            raise RecipeError(
+                f"{where}: unknown key `{key_path}`.{extra} Valid keys under `{path or 'the top level'}`: "
+                f"{', '.join(fields)}."
+            )
+        kwargs[key] = _coerce(value, hints[key], key_path, where)
+    return cls(**kwargs)
+
+
+def _yaml_load(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(f"{where}:{loc}: YAML syntax error: {problem}.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe must be a YAML mapping with `run:`, `model:` and `stages:`.")
+    return data
+
+
+def _parse_override_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
+    """Apply `section.key=value` overrides (values parsed as YAML) to the raw recipe mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected `section.key=value`, e.g. `sft.lr=1e-4`.")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise RecipeError(f"override {item!r}: `{k}` is not a section.")
+            node = node[k]
+        node[keys[-1]] = _parse_override_value(raw)
+    return data
+
+
+def parse_recipe(data: dict, where: str = "<recipe>") -> Recipe:
+    data = dict(data)
+    stages = data.get("stages", [])
+    recipe = parse_section(Recipe, data, "", where)
+    for i, s in enumerate(recipe.stages):
+        if s not in STAGE_NAMES:
+            hint = difflib.get_close_matches(s, STAGE_NAMES, n=1)
+            extra = f" Did you mean `{hint[0]}`?" if hint else ""
+            raise RecipeError(f"{where}: `stages[{i}]` is {s!r}, not a stage.{extra} Stages: {', '.join(STAGE_NAMES)}.")
+    if len(set(stages)) != len(stages):
+        raise RecipeError(f"{where}: `stages` lists a stage twice: {stages}.")
+    # A listed stage gets its defaults when its section is absent; sections need their data.
+    for s in recipe.stages:
+        if getattr(recipe, s) is None:
+            setattr(recipe, s, parse_section(SECTION_TYPES[s], {}, s, where))
+    _check_references(recipe, where)
+    recipe.source = where
+    return recipe
+
+
+SECTION_TYPES = {"sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig, "distill": DistillConfig, "eval": EvalConfig}
+
+# Keys that name another stage's output, and which stage they may name.
+_REFERENCES = {
+    "sft": ["init_from"],
+    "reward": ["init_from"],
+    "ppo": ["policy_from", "reward_from"],
+    "distill": ["teacher_from"],
+}
+
+
+def _check_references(recipe: Recipe, where: str) -> None:
+    order = {s: i for i, s in enumerate(recipe.stages)}
+    for stage in recipe.stages:
+        section = getattr(recipe, stage)
+        for key in _REFERENCES.get(stage, []):
+            ref = getattr(section, key)
+            if key == "reward_from" and section.rewards:
+                continue
+            if ref in STAGE_NAMES and ref != "eval":
+                if ref == stage:
+                    raise RecipeError(f"{where}: `{stage}.{key}` names the stage itself.")
+                if ref in order and order[ref] > order[stage]:
+                    raise RecipeError(
+                        f"{where}: `{stage}.{key}: {ref}` names a stage that runs later; put `{ref}` before "
+                        f"`{stage}` in `stages`."
+                    )
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    where = str(path)
+    if not path.exists():
+        raise RecipeError(f"{where}: recipe file not found.")
+    data = _yaml_load(path.read_text(encoding="utf-8"), where)
+    data = apply_overrides(data, overrides or [], where)
+    return parse_recipe(data, where)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,58 @@
+"""Pieces shared by the Trainer-based stages (SFT and reward)."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import TrainerCallback
+
+from ..models import Precision
+from ..utils import MetricsLogger
+
+
+def trainer_precision_args(precision: Precision, lora: bool) -> dict:
+    """Trainer arguments for the device and mixed precision chosen by `resolve_precision`.
+
+    On CPU with native bf16 the Trainer runs bf16 autocast over fp32 weights (measured 1.6x faster
+    forward+backward on AMX); on a GPU bf16 autocast (or fp16 with a scaler when bf16 is missing).
+    """
+    import torch
+
+    args = {"use_cpu": precision.device.type == "cpu"}
+    if precision.device.type == "cpu":
+        args["bf16"] = precision.autocast
+    elif precision.device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            args["bf16"] = True
+        else:
+            args["fp16"] = True
+    return args
+
+
+def tensorboard_dir(stage_dir) -> None:
+    """Point the Trainer's TensorBoard writer at `<stage>/tensorboard` (it reads this variable)."""
+    import os
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(stage_dir / "tensorboard")
+
+
+class MetricsCallback(TrainerCallback):
+    """Mirror the Trainer's logs into `metrics.jsonl`, namespaced by stage (`sft/loss`)."""
+
+    def __init__(self, logger: MetricsLogger, prefix: str):
+        self.logger = logger
+        self.prefix = prefix
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        row = {}
+        for k, v in logs.items():
+            if isinstance(v, (int, float)):
+                name = k[5:] if k.startswith("eval_") else k
+                row[f"{self.prefix}/{'eval_' if k.startswith('eval_') else ''}{name}"] = float(v)
+        if row:
+            self.logger.log(state.global_step, row)
+            loss = logs.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                print(f"[pipeline] warning: non-finite loss {loss} at step {state.global_step}", flush=True)

@@ -1,0 +1,127 @@
+"""Stage `sft`: supervised fine-tuning = behavior cloning on demonstrations.
+
+    pipeline run recipes/sft.yaml            (or --stages sft in any recipe)
+
+Maximises log pi(response | prompt) on the demonstrated response tokens only (prompt tokens are
+masked, the closing EOS is trained), through TRL's SFTTrainer with LoRA (peft) or full fine-tuning.
+Our departures from a plain SFTTrainer call:
+- the chat template is applied once, by `pipeline.data` (the same path every stage uses), and the
+  trainer gets pre-tokenized rows with a `completion_mask`;
+- rows whose response is truncated away are counted and reported, not dropped silently;
+- the evaluation loss is measured before and after training on a held-out split.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+from ..config import Recipe, SFTConfig
+from ..data import load_rows, sft_examples, tokenize_sft
+from ..models import load_policy, peft_lora_config, resolve_precision, save_final
+from ..utils import MetricsLogger, log
+from .common import MetricsCallback, tensorboard_dir, trainer_precision_args
+
+
+def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0 or len(examples) < 4:
+        return examples, []
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, int(round(len(examples) * fraction)))
+    eval_idx = set(idx[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in eval_idx], [examples[i] for i in sorted(eval_idx)]
+
+
+def build_datasets(cfg: SFTConfig, tokenizer, seed: int):
+    import datasets
+
+    examples = sft_examples(load_rows(cfg.data, cfg.max_rows), cfg.data)
+    if cfg.eval_data:
+        train_ex, eval_ex = examples, sft_examples(load_rows(cfg.eval_data), cfg.eval_data)
+    else:
+        train_ex, eval_ex = split_eval(examples, cfg.eval_fraction, seed)
+    train_rows, train_stats = tokenize_sft(tokenizer, train_ex, cfg.max_seq_len, cfg.completion_only_loss)
+    eval_rows, eval_stats = tokenize_sft(tokenizer, eval_ex, cfg.max_seq_len, cfg.completion_only_loss)
+    log(f"sft data: train {train_stats.summary()}")
+    if eval_ex:
+        log(f"sft data: eval  {eval_stats.summary()}")
+    if not train_rows:
+        from ..data import DataError
+
+        raise DataError(
+            f"{cfg.data}: no row has a response token left after truncation to sft.max_seq_len={cfg.max_seq_len}; "
+            "raise sft.max_seq_len or shorten the prompts."
+        )
+    to_ds = lambda rows: datasets.Dataset.from_list(rows) if rows else None  # noqa: E731
+    return to_ds(train_rows), to_ds(eval_rows), train_stats, eval_stats
+
+
+def run(recipe: Recipe, stage_dir: Path) -> dict:
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    cfg: SFTConfig = recipe.sft
+    precision = resolve_precision(recipe.model)
+    init = recipe.resolve_model_ref(cfg.init_from)
+    model, tok = load_policy(init, recipe.model, precision)
+    train_ds, eval_ds, train_stats, eval_stats = build_datasets(cfg, tok, recipe.run.seed)
+
+    args = TRLSFTConfig(
+        output_dir=str(stage_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        eval_strategy=("steps" if cfg.eval_steps else "epoch") if eval_ds is not None else "no",
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="no",
+        report_to=["tensorboard"],
+        seed=recipe.run.seed,
+        data_seed=recipe.run.seed,
+        completion_only_loss=cfg.completion_only_loss,
+        max_length=cfg.max_seq_len,
+        dataset_num_proc=None,
+        remove_unused_columns=False,
+        **trainer_precision_args(precision, lora=cfg.lora is not None),
+    )
+    metrics = MetricsLogger(stage_dir, tensorboard=False)  # the Trainer writes TensorBoard itself
+    tensorboard_dir(stage_dir)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tok,
+        peft_config=peft_lora_config(cfg.lora) if cfg.lora is not None else None,
+        callbacks=[MetricsCallback(metrics, prefix="sft")],
+    )
+    summary: dict = {
+        "init_from": init,
+        "train_rows": train_stats.kept,
+        "train_rows_truncated": train_stats.truncated,
+        "train_rows_dropped_no_response_tokens": train_stats.no_trainable_tokens,
+        "eval_rows": eval_stats.kept,
+        "lora": cfg.lora is not None,
+    }
+    if eval_ds is not None:
+        before = trainer.evaluate()["eval_loss"]
+        summary["eval_loss_before"] = before
+    result = trainer.train()
+    summary["train_loss"] = result.training_loss
+    summary["steps"] = result.global_step
+    if eval_ds is not None:
+        after = trainer.evaluate()["eval_loss"]
+        summary["eval_loss"] = after
+        summary["eval_ppl"] = math.exp(min(after, 50))
+    metrics.close()
+    save_final(trainer.model, tok, stage_dir / "final")
+    log(f"sft: saved {stage_dir / 'final'}")
+    return summary
