@@ -1,0 +1,29 @@
+"""Pure tensor math of the on-policy RL core: no models, no I/O, no config objects.
+
+Shapes: (B, T) over response tokens, logits (B, T, V), per-sequence (B,);
+mask True = a response token that counts.
+"""
+
+from pipeline.rl.advantages import (
+    discounted_returns,
+    gae,
+    reinforce_advantages,
+    rloo_advantages,
+    rloo_token_advantages,
+    spread_over_tokens,
+    token_level_rewards,
+)
+from pipeline.rl.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    forward_kl_full,
+    generalized_jsd_full,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    kl_penalty,
+    reverse_kl_full,
+)
+from pipeline.rl.logprobs import entropy_from_logits, logprobs_from_logits
+from pipeline.rl.losses import entropy_bonus, explained_variance, kl_loss, policy_loss, value_loss
+from pipeline.rl.masks import masked_mean, masked_sum, masked_var, masked_whiten

@@ -3,7 +3,7 @@
 Shapes: logits (B, T, V), tokens (B, T) -> (B, T) float32.
 
 Memory: the vocabulary axis dominates (V ~ 150k). Both functions work one batch row at a time, so
-at most one (T, V) float32 copy is alive besides the input (TRL's `selective_log_softmax` does the
+float32 temporaries are (T, V), never a second (B, T, V) (TRL's `selective_log_softmax` does the
 same). Under no_grad (rollout, reference model) this bounds peak memory; with autograd each row
 keeps what its backward needs.
 """

@@ -1,0 +1,127 @@
+"""PPO-family losses over response tokens. Inputs (B, T); mask True = a token that counts.
+
+Normalisation: every loss is a SUM over counted tokens divided by `loss_norm_tokens`, the number
+of counted tokens in the whole minibatch, which the caller passes to each micro-batch. Summing the
+micro-batch losses then gives exactly the minibatch loss and gradient, however the minibatch is
+split (PITFALLS: gradient accumulation). None means mask.sum() (the call is the whole minibatch).
+
+NaN safety: masked slots may hold NaN/inf in any input; they are replaced with torch.where before
+any arithmetic, so neither the loss nor the gradient w.r.t. a leaf input sees them.
+Stats are detached scalar tensors (masked means over this call's tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.rl.kl import kl_penalty
+from pipeline.rl.masks import masked_mean, masked_sum, masked_var
+
+Tensor = torch.Tensor
+
+
+def _zero_masked(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _normalised_sum(x: Tensor, mask: Tensor, loss_norm_tokens: int | float | Tensor | None) -> Tensor:
+    """sum of counted x / loss_norm_tokens (default: this call's counted tokens, at least 1)."""
+    if loss_norm_tokens is None:
+        loss_norm_tokens = mask.sum().clamp(min=1)
+    return masked_sum(x, mask) / loss_norm_tokens
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_coef: float,
+    loss_norm_tokens: int | float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate (Schulman et al. 2017). (B, T) x4 -> scalar loss, stats.
+
+    ratio = pi_theta / pi_old;  pg_loss = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
+    Stats: clipfrac (share of tokens with |ratio - 1| > eps), approx_kl, ratio_mean.
+    """
+    mask = mask.bool()
+    logratio = _zero_masked(logprobs - old_logprobs, mask)
+    ratio = torch.exp(logratio)
+    advantages = _zero_masked(advantages, mask)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_losses = torch.max(pg_loss1, pg_loss2)
+    loss = _normalised_sum(pg_losses, mask, loss_norm_tokens)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean(((ratio - 1.0).abs() > clip_coef).float(), mask),
+            # approx_kl = E[(r - 1) - log r], k3 of KL(pi_old || pi_theta): joschu.net/blog/kl-approx.html
+            "approx_kl": masked_mean((ratio - 1) - logratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_coef_v: float | None,
+    loss_norm_tokens: int | float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2). -> scalar, stats.
+
+    The critic may not move further than eps from its rollout-time values (cleanrl `v_loss_clipped`).
+    clip_coef_v=None: unclipped 0.5 * (V - R)^2. Stats: vf_clipfrac (share of tokens clipped).
+    """
+    mask = mask.bool()
+    values, old_values, returns = (_zero_masked(x, mask) for x in (values, old_values, returns))
+    v_loss_unclipped = (values - returns) ** 2
+    if clip_coef_v is None:
+        v_loss_max = v_loss_unclipped
+        vf_clipfrac = torch.zeros((), device=values.device)
+    else:
+        v_clipped = old_values + torch.clamp(values - old_values, -clip_coef_v, clip_coef_v)
+        v_loss_clipped = (v_clipped - returns) ** 2
+        v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
+        vf_clipfrac = masked_mean((v_loss_clipped > v_loss_unclipped).float(), mask)
+    loss = 0.5 * _normalised_sum(v_loss_max, mask, loss_norm_tokens)
+    return loss, {"vf_clipfrac": vf_clipfrac.detach()}
+
+
+def entropy_bonus(
+    entropy: Tensor, mask: Tensor, loss_norm_tokens: int | float | Tensor | None = None
+) -> Tensor:
+    """Mean entropy over counted tokens (a bonus: total loss = pg - ent_coef * this). (B, T) -> scalar."""
+    return _normalised_sum(entropy, mask.bool(), loss_norm_tokens)
+
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kind: str = "k3",
+    loss_norm_tokens: int | float | Tensor | None = None,
+) -> Tensor:
+    """KL to the reference as a loss term (instead of in the reward). (B, T) x2 -> scalar.
+
+    k3's gradient is biased for KL(pi || ref) (it follows the forward KL); k2's is unbiased
+    on-policy; see pipeline/rl/kl.py. k3 is the default to match GRPO/verl's "low_var_kl".
+    """
+    mask = mask.bool()
+    kl = kl_penalty(_zero_masked(logprobs, mask), _zero_masked(ref_logprobs, mask), kind)
+    return _normalised_sum(kl, mask, loss_norm_tokens)
+
+
+@torch.no_grad()
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 - Var[R - V] / Var[R] over counted tokens (1 = perfect critic, 0 = predicts the mean).
+
+    (B, T) x2 -> scalar. NaN when Var[R] = 0 (undefined), as in cleanrl / SB3.
+    """
+    mask = mask.bool()
+    values, returns = _zero_masked(values, mask), _zero_masked(returns, mask)
+    var_returns = masked_var(returns, mask, unbiased=False)
+    ev = 1 - masked_var(returns - values, mask, unbiased=False) / var_returns
+    return torch.where(var_returns == 0, torch.full_like(ev, float("nan")), ev)

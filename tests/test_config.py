@@ -1,0 +1,113 @@
+"""Recipe parsing: each error gives its specific message; overrides; every shipped recipe validates."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "run: {name: t, output_dir: out}\nmodel: {name_or_path: m}\nstages: [sft]\nsft: {data: d.jsonl}\n"
+
+
+def test_minimal_recipe_defaults(tmp_path):
+    r = load_recipe(write(tmp_path, BASE))
+    assert r.stages == ["sft"] and r.sft.data == "d.jsonl" and r.sft.lora.r == 16
+    assert r.resolve_model_ref("base") == "m"
+    assert r.resolve_model_ref("sft") == str(Path("out") / "sft" / "final")
+
+
+def test_unknown_top_level_key_suggests(tmp_path):
+    with pytest.raises(RecipeError, match=r"unknown key `stagse`.*Did you mean `stages`"):
+        load_recipe(write(tmp_path, BASE + "stagse: [sft]\n"))
+
+
+def test_unknown_nested_key_names_path_and_suggestion(tmp_path):
+    text = BASE.replace("sft: {data: d.jsonl}", "sft: {data: d.jsonl, lora: {r: 8, alpah: 16}}")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, text))
+    msg = str(e.value)
+    assert "`sft.lora.alpah`" in msg and "Did you mean `alpha`" in msg and str(tmp_path / "r.yaml") in msg
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    with pytest.raises(RecipeError, match=r"`sft.batch_size` must be an integer, got 'eight'"):
+        load_recipe(write(tmp_path, BASE.replace("data: d.jsonl", "data: d.jsonl, batch_size: eight")))
+    with pytest.raises(RecipeError, match=r"`sft.completion_only_loss` must be true/false"):
+        load_recipe(write(tmp_path, BASE.replace("data: d.jsonl", "data: d.jsonl, completion_only_loss: 3")))
+
+
+def test_literal_choice_suggests(tmp_path):
+    text = BASE.replace("stages: [sft]", "stages: [ppo]").replace("sft: {data: d.jsonl}", "ppo: {advantage: gea}")
+    with pytest.raises(RecipeError, match=r"`ppo.advantage` must be one of .*Did you mean 'gae'"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_yaml_syntax_error_gives_line(tmp_path):
+    with pytest.raises(RecipeError, match=r"line 3.*YAML syntax error"):
+        load_recipe(write(tmp_path, "run: {name: t}\nstages: [sft]\nsft: data: x.jsonl\nmodel: {}\n"))
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    # PyYAML reads 1e-4 (no dot) as the string "1e-4".
+    r = load_recipe(write(tmp_path, BASE.replace("data: d.jsonl", "data: d.jsonl, lr: 1e-4")))
+    assert r.sft.lr == pytest.approx(1e-4) and isinstance(r.sft.lr, float)
+
+
+def test_unknown_stage_suggests(tmp_path):
+    with pytest.raises(RecipeError, match=r"`stages\[1\]` is 'evl'.*Did you mean `eval`"):
+        load_recipe(write(tmp_path, BASE.replace("stages: [sft]", "stages: [sft, evl]")))
+
+
+def test_reference_to_later_stage_is_an_error(tmp_path):
+    text = BASE.replace("stages: [sft]", "stages: [reward, sft]") + "reward: {data: p.jsonl, init_from: sft}\n"
+    with pytest.raises(RecipeError, match=r"`reward.init_from: sft` names a stage that runs later"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_dotted_overrides(tmp_path):
+    r = load_recipe(write(tmp_path, BASE), ["sft.lr=3e-5", "sft.lora.r=4", "run.seed=7", "sft.lora=null"])
+    assert r.sft.lr == pytest.approx(3e-5) and r.run.seed == 7 and r.sft.lora is None
+    with pytest.raises(RecipeError, match=r"unknown key `sft.lrr`"):
+        load_recipe(write(tmp_path, BASE), ["sft.lrr=1"])
+    with pytest.raises(RecipeError, match=r"expected `section.key=value`"):
+        load_recipe(write(tmp_path, BASE), ["sft.lr"])
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path, capsys):
+    p = write(tmp_path, BASE + "bogus: 1\n")
+    assert main(["validate", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unknown key `bogus`" in err and "Traceback" not in err
+
+
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_recipe_validates(path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["validate", str(path.relative_to(ROOT))]) == 0, capsys.readouterr().err
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Run: pipeline run recipes/"), "a recipe opens with its run command"
+
+
+def test_recipes_command_lists_shipped(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for p in SHIPPED:
+        assert p.name in out
