@@ -1,0 +1,476 @@
+"""The shared on-policy loop over the token-level MDP: rollout -> per-token rewards -> update.
+
+State s_t = prompt + response tokens so far; action a_t = the next token; an episode ends at EOS or
+at `max_new_tokens`. PPO and distillation both run through this module; they differ only in how a
+rollout batch gets its rewards/advantages (or teacher log-probs) and in the per-minibatch loss.
+
+    rollout:  sample_responses -> RolloutBatch(query, response, mask, behaviour log-probs)
+    label:    the stage fills ref_logprobs / values / rewards / advantages / teacher_logprobs
+    update:   optimise(batch, loss_fn): epochs x shuffled minibatches x micro-batches,
+              loss normalised by the minibatch's total counted tokens (gradient accumulation
+              and processes do not change it), gradient clipping, optional early stop on approx KL.
+
+Tensors: query (B, P) left-padded; response (B, T) right-padded after the first EOS;
+`response_mask` True = a response token that counts (through the first EOS, nothing after it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Optional
+
+import torch
+
+from .rl import entropy_from_logits, logprobs_from_logits
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# The rollout record
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutBatch:
+    query_ids: Tensor  # (B, P) left-padded prompt tokens
+    query_mask: Tensor  # (B, P) 1 on real prompt tokens
+    response_ids: Tensor  # (B, T) sampled tokens, pad after the first EOS
+    response_mask: Tensor  # (B, T) bool, True through the first EOS
+    logprobs: Tensor  # (B, T) behaviour log-probs, recomputed with the training forward
+    ended: Tensor  # (B,) bool: EOS produced before max_new_tokens
+    prompts: list = field(default_factory=list)  # per-row prompt examples (for scoring / logging)
+    group: Optional[Tensor] = None  # (B,) index of the prompt, for RLOO's k samples per prompt
+    ref_logprobs: Optional[Tensor] = None
+    teacher_logprobs: Optional[Tensor] = None
+    values: Optional[Tensor] = None
+    scores: Optional[Tensor] = None  # (B,) sequence-level reward (e.g. normalised RM score)
+    rewards: Optional[Tensor] = None  # (B, T) per-token reward
+    advantages: Optional[Tensor] = None
+    returns: Optional[Tensor] = None
+    from_teacher: Optional[Tensor] = None  # (B,) bool, distillation mixture: which model sampled
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def index(self, idx: Tensor) -> "RolloutBatch":
+        out = {}
+        il = idx.tolist()
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                out[f.name] = v[idx.to(v.device)]
+            elif isinstance(v, list) and v:
+                out[f.name] = [v[i] for i in il]
+            else:
+                out[f.name] = v
+        return RolloutBatch(**out)
+
+    def to(self, device) -> "RolloutBatch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes with the same inputs as generation
+# --------------------------------------------------------------------------------------------
+
+
+def model_inputs(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor):
+    """Concatenate prompt and response; position ids follow the attention mask (left padding)."""
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    # Left-padded rows: positions must count real tokens only, as during generation (PITFALLS).
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def response_logits(model, batch: RolloutBatch) -> Tensor:
+    """Logits that predict each response token: (B, T, V)."""
+    input_ids, attention_mask, position_ids = model_inputs(
+        batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    P = batch.query_ids.shape[1]
+    T = batch.response_ids.shape[1]
+    return out.logits[:, P - 1:P + T - 1]
+
+
+def policy_logprobs(model, batch: RolloutBatch, temperature: float, with_entropy: bool = False,
+                    vocab_size: Optional[int] = None):
+    """-> (logprobs (B,T), entropy (B,T) or None, logits (B,T,V)). Logits are divided by the sampling
+    temperature so recomputed log-probs match the sampler. `vocab_size` slices padded vocabularies."""
+    logits = response_logits(model, batch)
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    logprobs = logprobs_from_logits(logits, batch.response_ids, temperature)
+    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    return logprobs, entropy, logits
+
+
+def critic_values(critic, batch: RolloutBatch) -> Tensor:
+    """V(s_t) for every response position from a sequence-classification model used as a critic:
+    its scalar head applied to the hidden state at every position, not only the last. (B, T)."""
+    input_ids, attention_mask, position_ids = model_inputs(
+        batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+    core = unwrap(critic)
+    backbone = getattr(core, core.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+    P, T = batch.query_ids.shape[1], batch.response_ids.shape[1]
+    return value_head(core)(hidden[:, P - 1:P + T - 1]).squeeze(-1).float()
+
+
+def value_head(seq_cls_model):
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(seq_cls_model, name, None)
+        if head is not None:
+            # peft wraps trainable heads in ModulesToSaveWrapper, which is callable like the head.
+            return head
+    raise ValueError(f"{type(seq_cls_model).__name__} has no scalar head (`score`) to use as a critic.")
+
+
+def unwrap(model):
+    """The model under DDP / accelerate / peft wrappers, as far as forward semantics allow."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, P - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def mask_after_eos(tokens: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
+    """(B, T) sampled tokens -> (mask through the first EOS inclusive, ended (B,))."""
+    is_eos = tokens == eos_id
+    # Count EOS seen strictly before t: a token counts while none has been seen.
+    seen_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    mask = seen_before == 0
+    return mask, is_eos.any(dim=1)
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, query_ids: Tensor, query_mask: Tensor, settings: SamplingSettings,
+                     autocast=None, greedy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample with the KV cache from left-padded prompts. -> (response_ids, response_mask, ended)."""
+    gen_model = unwrap_for_generation(model)
+    was_training = gen_model.training
+    gen_model.eval()
+    kw = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if greedy:
+        kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    else:
+        kw.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k or None,
+                  top_p=settings.top_p if settings.top_p < 1.0 else None)
+    with (autocast or contextlib.nullcontext()):
+        out = gen_model.generate(input_ids=query_ids, attention_mask=query_mask, **kw)
+    if was_training:
+        gen_model.train()
+    response = out[:, query_ids.shape[1]:]
+    if response.shape[1] == 0:
+        response = torch.full((query_ids.shape[0], 1), tokenizer.eos_token_id, device=query_ids.device)
+    mask, ended = mask_after_eos(response, tokenizer.eos_token_id)
+    response = torch.where(mask, response, torch.full_like(response, tokenizer.pad_token_id))
+    return response, mask, ended
+
+
+def unwrap_for_generation(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Stack rollout batches sampled separately (e.g. teacher and student parts of a mixture)."""
+    if len(batches) == 1:
+        return batches[0]
+    P = max(b.query_ids.shape[1] for b in batches)
+    T = max(b.response_ids.shape[1] for b in batches)
+
+    def pad(t: Tensor, width: int, left: bool, value) -> Tensor:
+        extra = width - t.shape[1]
+        if extra == 0:
+            return t
+        filler = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
+        return torch.cat([filler, t] if left else [t, filler], dim=1)
+
+    out: dict[str, Any] = {}
+    for f in fields(RolloutBatch):
+        vals = [getattr(b, f.name) for b in batches]
+        if all(v is None for v in vals):
+            out[f.name] = None
+        elif f.name in ("query_ids", "query_mask"):
+            fill = pad_id if f.name == "query_ids" else 0
+            out[f.name] = torch.cat([pad(v, P, True, fill) for v in vals])
+        elif isinstance(vals[0], Tensor) and vals[0].dim() == 2:
+            fill = pad_id if f.name == "response_ids" else (False if vals[0].dtype == torch.bool else 0)
+            out[f.name] = torch.cat([pad(v, T, False, fill) for v in vals])
+        elif isinstance(vals[0], Tensor):
+            out[f.name] = torch.cat(vals)
+        elif isinstance(vals[0], list):
+            out[f.name] = [x for v in vals for x in v]
+        else:
+            out[f.name] = vals[0]
+    return RolloutBatch(**out)
+
+
+@torch.no_grad()
+def recompute_logprobs(model, batch: RolloutBatch, temperature: float, micro_batch_size: int, autocast=None,
+                       vocab_size: Optional[int] = None) -> Tensor:
+    """Log-probs of the sampled tokens under `model`, in micro-batches, with the training forward."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    for start in range(0, len(batch), micro_batch_size):
+        mb = batch.index(torch.arange(start, min(start + micro_batch_size, len(batch))))
+        with (autocast or contextlib.nullcontext()):
+            lp, _, _ = policy_logprobs(model, mb, temperature, vocab_size=vocab_size)
+        outs.append(lp)
+    if was_training:
+        model.train()
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def recompute_values(critic, batch: RolloutBatch, micro_batch_size: int, autocast=None) -> Tensor:
+    was_training = critic.training
+    critic.eval()
+    outs = []
+    for start in range(0, len(batch), micro_batch_size):
+        mb = batch.index(torch.arange(start, min(start + micro_batch_size, len(batch))))
+        with (autocast or contextlib.nullcontext()):
+            outs.append(critic_values(critic, mb))
+    if was_training:
+        critic.train()
+    return torch.cat(outs)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+
+
+class PromptSampler:
+    """Cycles through prompts in seeded shuffled passes; its position is saved for resume."""
+
+    def __init__(self, examples: list, seed: int):
+        if not examples:
+            raise ValueError("no prompts to sample from")
+        self.examples = examples
+        self.seed = seed
+        self.epoch = 0
+        self.pos = 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 100003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self._order):
+                self.epoch += 1
+                self.pos = 0
+                self._order = self._shuffle()
+            out.append(self.examples[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._shuffle()
+
+
+def encode_prompts(tokenizer, examples: list, device, max_prompt_tokens: Optional[int] = None):
+    """Prompt examples -> left-padded (query_ids, query_mask) through the one chat-template path."""
+    from .data import prompt_token_ids
+
+    seqs = []
+    for ex in examples:
+        ids = prompt_token_ids(tokenizer, ex["prompt"] if isinstance(ex, dict) else ex)
+        if max_prompt_tokens and len(ids) > max_prompt_tokens:
+            ids = ids[-max_prompt_tokens:]  # keep the end: the instruction and the opened assistant turn
+        seqs.append(ids)
+    return left_pad(seqs, tokenizer.pad_token_id, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpdateSettings:
+    epochs: int = 1
+    minibatch_size: int = 8
+    micro_batch_size: int = 8
+    max_grad_norm: float = 1.0
+    target_approx_kl: Optional[float] = None  # stop the epoch loop when approx KL passes this
+
+
+LossFn = Callable[[RolloutBatch, float], tuple[Tensor, dict[str, Tensor]]]
+
+
+def optimise(batch: RolloutBatch, loss_fn: LossFn, optimizer, params: list, settings: UpdateSettings,
+             generator: torch.Generator, accelerator=None, models: tuple = ()) -> dict[str, float]:
+    """Several epochs of shuffled minibatch updates on one rollout batch.
+
+    `loss_fn(micro_batch, n_tokens)` returns a loss already divided by `n_tokens`, the number of
+    counted tokens in the whole minibatch (over all processes), so splitting a minibatch into
+    micro-batches or processes leaves the gradient unchanged (PITFALLS: normalise by total tokens).
+    A non-finite gradient norm skips the step. Returns token-weighted means of the loss stats.
+    """
+    world = accelerator.num_processes if accelerator is not None else 1
+    totals: dict[str, float] = {}
+    weight_total = 0.0
+    steps = skipped = 0
+    stopped_early = False
+    B = len(batch)
+    for _epoch in range(settings.epochs):
+        perm = torch.randperm(B, generator=generator)
+        for start in range(0, B, settings.minibatch_size):
+            mb_idx = perm[start:start + settings.minibatch_size]
+            n_local = float(batch.response_mask[mb_idx.to(batch.response_mask.device)].sum())
+            n_tokens = _global_sum(n_local, accelerator)
+            if n_tokens == 0:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            micro = list(mb_idx.split(settings.micro_batch_size))
+            mb_stats: dict[str, float] = {}
+            for j, idx in enumerate(micro):
+                mb = batch.index(idx)
+                # DDP averages gradients over processes: scale by world so the result is sum / n_tokens.
+                sync = j == len(micro) - 1
+                with _no_sync(accelerator, models, enabled=not sync):
+                    loss, stats = loss_fn(mb, n_tokens / world)
+                    if accelerator is not None:
+                        accelerator.backward(loss)
+                    else:
+                        loss.backward()
+                w = mb.n_tokens / n_tokens * world
+                for k, v in stats.items():
+                    mb_stats[k] = mb_stats.get(k, 0.0) + float(v) * w
+                mb_stats["loss"] = mb_stats.get("loss", 0.0) + float(loss.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            optimizer.step()
+            steps += 1
+            mb_stats["grad_norm"] = float(grad_norm)
+            for k, v in mb_stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            weight_total += 1
+            if settings.target_approx_kl is not None and mb_stats.get("approx_kl", 0.0) > settings.target_approx_kl:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    out = {k: v / max(weight_total, 1) for k, v in totals.items()}
+    out.update(optimizer_steps=steps, skipped_steps=skipped, early_stop=float(stopped_early))
+    return out
+
+
+def _global_sum(x: float, accelerator) -> float:
+    if accelerator is None or accelerator.num_processes == 1:
+        return x
+    t = torch.tensor([x], device=accelerator.device, dtype=torch.float64)
+    return float(accelerator.reduce(t, reduction="sum"))
+
+
+@contextlib.contextmanager
+def _no_sync(accelerator, models: tuple, enabled: bool):
+    if not enabled or accelerator is None or accelerator.num_processes == 1:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for m in models:
+            stack.enter_context(accelerator.no_sync(m))
+        yield
+
+
+def gather_mean(x: Tensor, mask: Tensor, accelerator=None) -> float:
+    """Masked mean over all processes."""
+    s = torch.where(mask.bool(), x.float(), 0.0).sum().reshape(1)
+    n = mask.float().sum().reshape(1)
+    if accelerator is not None and accelerator.num_processes > 1:
+        s, n = accelerator.reduce(s, "sum"), accelerator.reduce(n, "sum")
+    return float(s / n.clamp(min=1))
+
+
+def whiten_global(x: Tensor, mask: Tensor, accelerator=None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Masked whitening with statistics over the whole rollout batch on all processes."""
+    if accelerator is None or accelerator.num_processes == 1:
+        from .rl import masked_whiten
+
+        return masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    m = mask.bool()
+    xs = torch.where(m, x, 0.0)
+    stats = torch.stack([xs.sum(), (xs * xs).sum(), m.float().sum()]).reshape(1, 3)
+    stats = accelerator.reduce(stats, "sum")[0]
+    mean = stats[0] / stats[2]
+    var = stats[1] / stats[2] - mean * mean
+    out = (x - mean) * torch.rsqrt(var.clamp(min=0) + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Bookkeeping shared by the loop drivers
+# --------------------------------------------------------------------------------------------
+
+
+class Throughput:
+    def __init__(self):
+        self.t0 = time.time()
+        self.parts: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def time(self, name: str):
+        t = time.time()
+        yield
+        self.parts[name] = self.parts.get(name, 0.0) + time.time() - t
+
+    def reset(self):
+        self.parts = {}
+
+
+def finite(x: float) -> bool:
+    return x is not None and math.isfinite(x)
