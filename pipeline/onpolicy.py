@@ -123,17 +123,29 @@ def policy_logprobs(model, batch: RolloutBatch, temperature: float, with_entropy
     return logprobs, entropy, logits
 
 
+class ValueModel(torch.nn.Module):
+    """V(s) at every position from a sequence-classification model used as a critic: its scalar
+    head applied to the hidden state at every position, not only the last. A module of its own so
+    DDP sees the forward (gradient all-reduce hooks are armed in the wrapper's forward)."""
+
+    def __init__(self, seq_cls_model):
+        super().__init__()
+        self.model = seq_cls_model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        core = unwrap(self.model)
+        backbone = getattr(core, core.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+        return value_head(core)(hidden).squeeze(-1).float()
+
+
 def critic_values(critic, batch: RolloutBatch) -> Tensor:
-    """V(s_t) for every response position from a sequence-classification model used as a critic:
-    its scalar head applied to the hidden state at every position, not only the last. (B, T)."""
+    """V(s_t) for every response position: the state before response token t. (B, T)."""
     input_ids, attention_mask, position_ids = model_inputs(
         batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-    core = unwrap(critic)
-    backbone = getattr(core, core.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state
     P, T = batch.query_ids.shape[1], batch.response_ids.shape[1]
-    return value_head(core)(hidden[:, P - 1:P + T - 1]).squeeze(-1).float()
+    return critic(input_ids, attention_mask, position_ids)[:, P - 1:P + T - 1]
 
 
 def value_head(seq_cls_model):

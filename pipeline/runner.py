@@ -78,9 +78,18 @@ def stage_done(recipe: Recipe, stage: str) -> bool:
     return (recipe.stage_dir(stage) / "summary.json").exists()
 
 
+def is_main_process() -> bool:
+    """True in a plain run and in process 0 under `accelerate launch`."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def run_recipe(recipe: Recipe, stages: list[str] | None = None) -> dict[str, dict]:
     stages = stages or recipe.stages
-    write_run_info(recipe)
+    main = is_main_process()
+    if main:
+        write_run_info(recipe)
     summaries = {}
     for stage in stages:
         section = getattr(recipe, stage)
@@ -95,8 +104,10 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None) -> dict[str, dic
         t0 = time.time()
         summary = stage_module(stage).run(recipe, stage_dir)
         summary = {"stage": stage, "seconds": round(time.time() - t0, 1), **(summary or {})}
+        summaries[stage] = summary
+        if not main:
+            continue
         atomic_write_json(stage_dir / "summary.json", summary)
         log(f"=== stage {stage} done in {summary['seconds']}s: " + json.dumps(
             {k: v for k, v in summary.items() if isinstance(v, (int, float)) and k != "seconds"}))
-        summaries[stage] = summary
     return summaries

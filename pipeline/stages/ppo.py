@@ -35,6 +35,7 @@ from ..models import Precision, load_policy, peft_lora_config, resolve_model_pat
 from ..onpolicy import (
     PromptSampler,
     RolloutBatch,
+    ValueModel,
     SamplingSettings,
     Throughput,
     UpdateSettings,
@@ -46,6 +47,7 @@ from ..onpolicy import (
     recompute_logprobs,
     recompute_values,
     sample_responses,
+    unwrap_for_generation,
     whiten_global,
 )
 from ..rl import (
@@ -72,12 +74,12 @@ class PPOModels:
     policy: Any  # trainable (a PeftModel with LoRA)
     tokenizer: Any
     reference: Optional[Any]  # None with LoRA: the policy with its adapter disabled
-    critic: Optional[Any]  # sequence-classification model used as V(s_t); None without GAE
+    critic: Optional[Any]  # ValueModel over a sequence-classification model; None without GAE
 
     def reference_ctx(self):
         """Context in which `self.ref_model` computes reference log-probs."""
         if self.reference is None:
-            return self.policy.disable_adapter()
+            return unwrap_for_generation(self.policy).disable_adapter()
         return contextlib.nullcontext()
 
     @property
@@ -108,7 +110,7 @@ def load_critic(path: str, recipe: Recipe, precision: Precision, tokenizer, lora
 
         pcfg = peft_lora_config(lora, task_type="SEQ_CLS")
         critic = get_peft_model(critic, pcfg)
-    return critic.to(precision.device)
+    return ValueModel(critic.to(precision.device))
 
 
 def build_models(recipe: Recipe, cfg: PPOConfig, precision: Precision) -> PPOModels:
@@ -255,17 +257,30 @@ def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precisio
         groups.append({"params": [p for p in models.critic.parameters() if p.requires_grad], "lr": cfg.critic_lr})
     optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
     all_params = [p for g in groups for p in g["params"]]
+    world, rank = 1, 0
+    if accelerator is not None and accelerator.num_processes > 1:
+        # DDP over the trainable models; each process rolls out its slice of the global prompt batch.
+        world, rank = accelerator.num_processes, accelerator.process_index
+        if cfg.rollout_batch_size % world:
+            raise ValueError(f"ppo.rollout_batch_size={cfg.rollout_batch_size} must be divisible by the "
+                             f"number of processes ({world}).")
+        if models.critic is not None:
+            models.policy, models.critic, optimizer = accelerator.prepare(models.policy, models.critic, optimizer)
+        else:
+            models.policy, optimizer = accelerator.prepare(models.policy, optimizer)
+        torch.manual_seed(seed + rank)  # different samples on each process
+    is_main = rank == 0
     generator = torch.Generator().manual_seed(seed)
     update = UpdateSettings(cfg.ppo_epochs, cfg.minibatch_size, cfg.micro_batch_size, cfg.max_grad_norm,
                             cfg.target_approx_kl)
     loss_fn = make_loss_fn(models, cfg, kl_ctl, precision)
-    metrics = metrics or MetricsLogger(stage_dir)
+    metrics = metrics or (MetricsLogger(stage_dir) if is_main else None)
     history = []
-    bar = tqdm(range(1, cfg.iterations + 1), desc="ppo", disable=not progress)
+    bar = tqdm(range(1, cfg.iterations + 1), desc="ppo", disable=not (progress and is_main))
     nonfinite = 0
     for it in bar:
         timer = Throughput()
-        examples = sampler.next(cfg.rollout_batch_size)
+        examples = sampler.next(cfg.rollout_batch_size)[rank::world]
         batch, info = make_rollout(models, reward, examples, cfg, kl_ctl.value, precision, timer, accelerator)
         with timer.time("train"):
             upd = optimise(batch, loss_fn, optimizer, all_params, update, generator, accelerator,
@@ -294,13 +309,24 @@ def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precisio
                     "check the reward scale.")
         else:
             nonfinite = 0
-        metrics.log(it, stats)
+        stats = mean_across_processes(stats, accelerator)
+        if is_main:
+            metrics.log(it, stats)
         history.append(stats)
         bar.set_postfix(score=f"{stats['ppo/score']:.3f}", kl=f"{stats['ppo/kl']:.3f}",
                         **({"pass": f"{stats['ppo/pass_rate']:.2f}"} if "ppo/pass_rate" in stats else {}))
-        if cfg.log_samples_every and (it == 1 or it % cfg.log_samples_every == 0):
+        if is_main and cfg.log_samples_every and (it == 1 or it % cfg.log_samples_every == 0):
             log_samples(stage_dir, it, batch, info["texts"], n=3)
     return history
+
+
+def mean_across_processes(stats: dict, accelerator) -> dict:
+    if accelerator is None or accelerator.num_processes == 1:
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], device=accelerator.device, dtype=torch.float64)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist()))
 
 
 def log_samples(stage_dir: Path, it: int, batch: RolloutBatch, texts: list[str], n: int = 3) -> None:
@@ -312,17 +338,30 @@ def log_samples(stage_dir: Path, it: int, batch: RolloutBatch, texts: list[str],
                                 "score": float(batch.scores[i]), "ended": bool(batch.ended[i])}) + "\n")
 
 
+def accelerate_precision(recipe: Recipe):
+    """The Accelerator (one process, or several under `accelerate launch`) and the precision on its device."""
+    from accelerate import Accelerator
+
+    precision = resolve_precision(recipe.model)
+    accelerator = Accelerator(cpu=precision.device.type == "cpu")
+    precision.device = accelerator.device
+    return precision, accelerator
+
+
 def run(recipe: Recipe, stage_dir: Path) -> dict:
     from ..data import load_rows, prompt_examples
     from ..rewards import build_reward
 
     cfg: PPOConfig = recipe.ppo
-    precision = resolve_precision(recipe.model)
+    precision, accelerator = accelerate_precision(recipe)
     prompts = prompt_examples(load_rows(cfg.prompts), cfg.prompts)
     models = build_models(recipe, cfg, precision)
     reward = build_reward(cfg.rewards, cfg.reward_from, recipe)
-    history = train_ppo(models, reward, prompts, cfg, precision, stage_dir, seed=recipe.run.seed)
-    save_final(models.policy, models.tokenizer, stage_dir / "final")
+    history = train_ppo(models, reward, prompts, cfg, precision, stage_dir, seed=recipe.run.seed,
+                        accelerator=accelerator)
+    if accelerator.is_main_process:
+        save_final(unwrap_for_generation(models.policy), models.tokenizer, stage_dir / "final")
+    accelerator.wait_for_everyone()
     last = history[-1]
     first = history[0]
     keys = ("ppo/score", "ppo/kl", "ppo/pass_rate", "ppo/response_length", "ppo/eos_share", "ppo/tokens_per_s")

@@ -122,6 +122,8 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         summary["eval_loss"] = after
         summary["eval_ppl"] = math.exp(min(after, 50))
     metrics.close()
-    save_final(trainer.model, tok, stage_dir / "final")
+    if trainer.accelerator.is_main_process:
+        save_final(trainer.model, tok, stage_dir / "final")
+    trainer.accelerator.wait_for_everyone()
     log(f"sft: saved {stage_dir / 'final'}")
     return summary

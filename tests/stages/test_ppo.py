@@ -13,6 +13,7 @@ from pipeline.models import resolve_precision
 from pipeline.onpolicy import (
     RolloutBatch,
     UpdateSettings,
+    ValueModel,
     encode_prompts,
     mask_after_eos,
     optimise,
@@ -53,7 +54,7 @@ def tiny_models(advantage: str, lora: bool = False):
     if advantage == "gae":
         cfg = copy.deepcopy(build_tiny_model(tok).config)
         cfg.num_labels = 1
-        critic = LlamaForSequenceClassification(cfg)
+        critic = ValueModel(LlamaForSequenceClassification(cfg))
     models = PPOModels(policy=policy, tokenizer=tok, reference=reference, critic=critic)
     for m in (models.policy, models.reference, models.critic):
         if m is not None:
