@@ -80,7 +80,7 @@ def cmd_run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     stages = _parse_stages(recipe, args.stages)
     validate_data(recipe)
-    run_recipe(recipe, stages)
+    run_recipe(recipe, stages, force=args.force, rerun=args.rerun)
     report = recipe.output_dir / "report.md"
     if report.exists():
         print(f"Report: {report}")
@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-4 run.output_dir=runs/x")
     r.add_argument("--stages", help="comma-separated subset of the recipe's stages, e.g. sft,eval")
+    r.add_argument("--resume", action="store_true",
+                   help="continue a partial run in output_dir (also automatic when it holds one of the same recipe)")
+    r.add_argument("--force", action="store_true",
+                   help="go on although the recipe differs from the run in output_dir (changed stages rerun)")
+    r.add_argument("--rerun", action="store_true", help="run the selected stages again even if they finished")
     r.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     r.set_defaults(func=cmd_run)
 
@@ -145,6 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - interruption and numerical stops are reported, not traced
+        from .checkpoint import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"stopped: {e}", file=sys.stderr)
+            return 128 + e.signum
+        if isinstance(e, FloatingPointError) and not getattr(args, "debug", False):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

@@ -85,13 +85,84 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def run_recipe(recipe: Recipe, stages: list[str] | None = None) -> dict[str, dict]:
+def recipe_diff(old: str, new: str, where: str) -> str:
+    import difflib
+
+    lines = difflib.unified_diff(old.splitlines(), new.splitlines(), fromfile=f"{where} (existing run)",
+                                 tofile="this recipe", lineterm="", n=1)
+    return "\n".join(lines)
+
+
+def stages_to_rerun(old_text: str, recipe: Recipe) -> list[str]:
+    """Stages whose inputs changed: from the first stage whose section changed onwards (later stages
+    read earlier outputs); every stage when `model` or the seed changed."""
+    import yaml
+
+    old, new = yaml.safe_load(old_text) or {}, recipe.to_dict()
+    if old.get("model") != new.get("model") or (old.get("run") or {}).get("seed") != new["run"].get("seed"):
+        return list(recipe.stages)
+    for i, s in enumerate(recipe.stages):
+        if old.get(s) != new.get(s):
+            return list(recipe.stages[i:])
+    return []
+
+
+def prepare_output_dir(recipe: Recipe, force: bool = False) -> list[str]:
+    """Check an existing run directory. Returns the finished stages whose outputs are stale and must
+    rerun (with --force); refuses a changed recipe without it, showing what changed."""
+    from .config import RecipeError
+
+    resolved = recipe.output_dir / "recipe.resolved.yaml"
+    if not resolved.exists():
+        return []
+    old, new = resolved.read_text(encoding="utf-8"), dump_recipe(recipe)
+    if old == new:
+        return []
+    diff = recipe_diff(old, new, str(resolved))
+    if not force:
+        raise RecipeError(
+            f"{recipe.output_dir} holds a run of a different recipe. What changed:\n{diff}\n"
+            "Run with --force to go on with the new recipe (the stages from the first changed one rerun), "
+            "or set run.output_dir to a new directory."
+        )
+    rerun = stages_to_rerun(old, recipe)
+    log(f"--force: recipe changed; rerunning {', '.join(rerun) or 'no stage'}:\n{diff}")
+    return rerun
+
+
+def invalidate_stage(recipe: Recipe, stage: str) -> None:
+    """Mark a stage as not finished and drop its checkpoints (they belong to other settings).
+    Its final/ and metrics stay until the rerun replaces them."""
+    import shutil
+
+    d = recipe.stage_dir(stage)
+    if (d / "summary.json").exists():
+        (d / "summary.json").rename(d / "summary.stale.json")
+    for ck in ("checkpoints",):
+        if (d / ck).exists():
+            shutil.rmtree(d / ck)
+
+
+def run_recipe(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
+               rerun: bool = False) -> dict[str, dict]:
+    """Run the stages in order. Finished stages (summary.json present) are skipped; an interrupted
+    stage continues from its last checkpoint. `rerun` runs the given stages again even if finished."""
+    from .checkpoint import InterruptFlag, set_active_flag
+
     stages = stages or recipe.stages
     main = is_main_process()
+    stale = prepare_output_dir(recipe, force) if main else []
     if main:
+        for s in set(stale) | (set(stages) if rerun else set()):
+            invalidate_stage(recipe, s)
         write_run_info(recipe)
     summaries = {}
     for stage in stages:
+        if stage_done(recipe, stage):
+            log(f"=== stage {stage}: already finished ({recipe.stage_dir(stage) / 'summary.json'}); skipping "
+                "(use --rerun to run it again)")
+            summaries[stage] = json.loads((recipe.stage_dir(stage) / "summary.json").read_text())
+            continue
         section = getattr(recipe, stage)
         if section is None:
             from .config import SECTION_TYPES, parse_section
@@ -102,7 +173,12 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None) -> dict[str, dic
         stage_dir.mkdir(parents=True, exist_ok=True)
         log(f"=== stage {stage} -> {stage_dir}")
         t0 = time.time()
-        summary = stage_module(stage).run(recipe, stage_dir)
+        with InterruptFlag() as flag:
+            set_active_flag(flag)
+            try:
+                summary = stage_module(stage).run(recipe, stage_dir)
+            finally:
+                set_active_flag(None)
         summary = {"stage": stage, "seconds": round(time.time() - t0, 1), **(summary or {})}
         summaries[stage] = summary
         if not main:

@@ -66,7 +66,15 @@ from ..rl import (
     token_level_rewards,
     value_loss,
 )
-from ..utils import MetricsLogger, log
+from ..checkpoint import (
+    Interrupted,
+    interrupt_signal,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_jsonl,
+)
+from ..utils import MetricsLogger, log, read_jsonl
 
 
 @dataclass
@@ -246,8 +254,13 @@ def make_loss_fn(models: PPOModels, cfg: PPOConfig, kl_ctl, precision: Precision
 
 def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precision: Precision, stage_dir: Path,
               seed: int = 0, accelerator=None, metrics: Optional[MetricsLogger] = None,
-              progress: bool = True) -> list[dict]:
-    """Run `cfg.iterations` PPO iterations. Returns the per-iteration metrics (also in metrics.jsonl)."""
+              progress: bool = True, resume: bool = True) -> list[dict]:
+    """Run `cfg.iterations` PPO iterations. Returns the per-iteration metrics (also in metrics.jsonl).
+
+    Every `checkpoint_every` iterations (and on SIGINT/SIGTERM) the trainable weights, optimizer, RNG,
+    KL controller and prompt position are saved to `stage_dir/checkpoints/`; with `resume` the loop
+    continues from the newest complete checkpoint there.
+    """
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     sampler = PromptSampler(prompts, seed)
@@ -274,10 +287,29 @@ def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precisio
     update = UpdateSettings(cfg.ppo_epochs, cfg.minibatch_size, cfg.micro_batch_size, cfg.max_grad_norm,
                             cfg.target_approx_kl)
     loss_fn = make_loss_fn(models, cfg, kl_ctl, precision)
+    ckpt_root = stage_dir / "checkpoints"
+    ckpt_models = {"policy": unwrap_for_generation(models.policy),
+                   "critic": unwrap_for_generation(models.critic) if models.critic is not None else None}
+    generators = {"shuffle": generator}
+    start, nonfinite, history = 1, 0, []
+    latest = latest_checkpoint(ckpt_root) if resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, ckpt_models, optimizer, generators)
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        sampler.load_state_dict(state["sampler"])
+        start, nonfinite = state["iteration"] + 1, state["nonfinite"]
+        if is_main:
+            truncate_jsonl(stage_dir / "metrics.jsonl", state["iteration"])
+            truncate_jsonl(stage_dir / "samples.jsonl", state["iteration"], key="iteration")
+            history = [r for r in read_jsonl(stage_dir / "metrics.jsonl") if "ppo/score" in r]
+        log(f"ppo: resuming from {latest} (iteration {start} of {cfg.iterations})")
+    elif is_main:
+        # A fresh start: rows from an earlier attempt that left no checkpoint are not this run's.
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (stage_dir / name).unlink(missing_ok=True)
     metrics = metrics or (MetricsLogger(stage_dir) if is_main else None)
-    history = []
-    bar = tqdm(range(1, cfg.iterations + 1), desc="ppo", disable=not (progress and is_main))
-    nonfinite = 0
+    bar = tqdm(range(start, cfg.iterations + 1), desc="ppo", disable=not (progress and is_main),
+               initial=start - 1, total=cfg.iterations)
     for it in bar:
         timer = Throughput()
         examples = sampler.next(cfg.rollout_batch_size)[rank::world]
@@ -317,6 +349,17 @@ def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precisio
                         **({"pass": f"{stats['ppo/pass_rate']:.2f}"} if "ppo/pass_rate" in stats else {}))
         if is_main and cfg.log_samples_every and (it == 1 or it % cfg.log_samples_every == 0):
             log_samples(stage_dir, it, batch, info["texts"], n=3)
+        signum = interrupt_signal()
+        if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.iterations) or signum:
+            path = ckpt_root / f"iter-{it:06d}"
+            if is_main:
+                path = save_checkpoint(ckpt_root, it, ckpt_models, optimizer, {
+                    "kl_ctl": kl_ctl.state_dict(), "sampler": sampler.state_dict(), "nonfinite": nonfinite},
+                    generators)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
+            if signum:
+                raise Interrupted(signum, str(path))
     return history
 
 

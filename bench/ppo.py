@@ -1,0 +1,119 @@
+"""One PPO iteration, timed: tokens/s and peak memory, split into generation, scoring and training.
+
+    python bench/ppo.py                          # default model, LoRA, verifier reward, CPU
+    python bench/ppo.py --policy runs/quickstart/sft/final --reward runs/quickstart/reward/final
+    python bench/ppo.py --tiny                   # a tiny random model (smoke test of the script)
+
+Scoring = behaviour, reference and value forwards plus the reward. Peak memory is the process's
+peak RSS (and the CUDA peak on a GPU). The first iteration is a warm-up and is not reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import LoraConfig, ModelConfig, PPOConfig, Recipe  # noqa: E402
+from pipeline.data import load_rows, prompt_examples  # noqa: E402
+from pipeline.models import resolve_precision  # noqa: E402
+from pipeline.onpolicy import ValueModel  # noqa: E402
+from pipeline.stages.ppo import PPOModels, build_models, train_ppo  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tiny_models():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import copy
+
+    from conftest import build_tiny_model, build_tiny_tokenizer
+    from transformers import LlamaForSequenceClassification
+
+    tok = build_tiny_tokenizer()
+    policy = build_tiny_model(tok)
+    cfg = copy.deepcopy(policy.config)
+    cfg.num_labels = 1
+    m = PPOModels(policy=policy, tokenizer=tok, reference=copy.deepcopy(policy).requires_grad_(False),
+                  critic=ValueModel(LlamaForSequenceClassification(cfg)))
+    for x in (m.policy, m.reference, m.critic):
+        x.eval()
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", default="smollm2-135m-instruct")
+    ap.add_argument("--reward", default="verifier", help="`verifier` or a reward-model directory")
+    ap.add_argument("--prompts", default="data/constraints/prompts.jsonl")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--iterations", type=int, default=2)
+    ap.add_argument("--no-lora", action="store_true")
+    ap.add_argument("--cpu-autocast", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+
+    from pipeline.rewards import RewardModelScorer, VerifierReward
+
+    model_cfg = ModelConfig(name_or_path=args.policy, cpu_autocast=args.cpu_autocast)
+    precision = resolve_precision(model_cfg)
+    cfg = PPOConfig(policy_from="base", reward_from=args.reward, critic_from="policy", prompts=args.prompts,
+                    iterations=args.iterations, rollout_batch_size=args.batch, minibatch_size=min(8, args.batch),
+                    micro_batch_size=min(8, args.batch), max_new_tokens=args.max_new_tokens,
+                    lora=None if args.no_lora else LoraConfig(), log_samples_every=0)
+    if args.tiny:
+        models = tiny_models()
+        prompts = [{"prompt": [{"role": "user", "content": f"hello world {i}"}]} for i in range(32)]
+
+        class Toy:
+            def score(self, rows, texts):
+                return torch.tensor([float(len(t)) for t in texts])
+
+        reward = Toy()
+    else:
+        recipe = Recipe(model=model_cfg)
+        models = build_models(recipe, cfg, precision)
+        prompts = prompt_examples(load_rows(args.prompts), args.prompts)
+        reward = VerifierReward() if args.reward == "verifier" else RewardModelScorer(args.reward, model_cfg, precision)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    out = Path("bench/results")
+    out.mkdir(parents=True, exist_ok=True)
+    hist = train_ppo(models, reward, prompts, cfg, precision, out, seed=0, progress=False)
+    wall = time.time() - t0
+    h = hist[-1]  # the first iteration warms up kernels and caches
+    parts = {k: h[f"ppo/time_{k}_s"] for k in ("generate", "score", "train")}
+    total = sum(parts.values())
+    tokens = h["ppo/response_length"] * args.batch
+    fig = {
+        "device": str(precision.device), "autocast_bf16": precision.autocast, "policy": args.policy,
+        "batch": args.batch, "max_new_tokens": args.max_new_tokens, "response_tokens": tokens,
+        "seconds_per_iteration": total, **{f"{k}_s": v for k, v in parts.items()},
+        "tokens_per_s": tokens / total, "generate_tokens_per_s": tokens / parts["generate"],
+        "peak_rss_mb": peak_rss_mb(), "wall_s_all_iterations": wall,
+    }
+    if torch.cuda.is_available():
+        fig["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(f"{'figure':<26}{'value':>14}")
+    for k, v in fig.items():
+        print(f"{k:<26}{v:>14.2f}" if isinstance(v, float) else f"{k:<26}{str(v):>14}")
+    print(f"split: generation {parts['generate'] / total:.0%}, scoring {parts['score'] / total:.0%}, "
+          f"training {parts['train'] / total:.0%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(fig, indent=2))
+
+
+if __name__ == "__main__":
+    main()
