@@ -81,6 +81,7 @@ class SFTConfig:
     lr_scheduler: str = "cosine"
     logging_steps: int = 5
     eval_steps: int = 0  # 0: evaluate once per epoch
+    checkpoint_every: int = 50  # optimizer steps between resumable Trainer checkpoints
     max_rows: Optional[int] = None
 
 
@@ -208,16 +209,20 @@ class DistillConfig:
 class EvalConfig:
     # Model names: `base`, any stage name (`sft`, `ppo`, `distill`), a local path or a hub id.
     models: list[str] = field(default_factory=lambda: ["base"])
+    # Held-out prompt files, each a prompt set named by its stem; IFEval-style records are checked.
     prompts: list[str] = field(default_factory=list)
+    # Reward model (stage name or path) for RM scores and win rates; none: those metrics are skipped.
     reward_from: Optional[str] = None
+    # KL of every model is measured to this model (default: base).
     reference: Optional[str] = None
+    # Win rates are against this model's responses (default: the reference); needs reward_from.
     baseline: Optional[str] = None
     max_new_tokens: int = 128
     batch_size: int = 16
-    do_sample: bool = False
-    temperature: float = 1.0
-    max_prompts: Optional[int] = None
-    num_samples_in_report: int = 3
+    do_sample: bool = False  # greedy by default
+    temperature: float = 1.0  # only with do_sample
+    max_prompts: Optional[int] = None  # per prompt file
+    num_samples_in_report: int = 3  # prompts per set shown side by side in report.md
 
 
 @dataclass

@@ -56,3 +56,32 @@ class MetricsCallback(TrainerCallback):
             loss = logs.get("loss")
             if loss is not None and not math.isfinite(loss):
                 print(f"[pipeline] warning: non-finite loss {loss} at step {state.global_step}", flush=True)
+
+
+class InterruptCallback(TrainerCallback):
+    """On SIGINT/SIGTERM: save a Trainer checkpoint at the end of the current step and stop."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from ..checkpoint import interrupt_signal
+
+        if interrupt_signal():
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def last_trainer_checkpoint(output_dir) -> str | None:
+    """The newest complete `checkpoint-N` the Trainer wrote (it renames them into place when done)."""
+    import os
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if os.path.isdir(output_dir) else None
+
+
+def raise_if_interrupted(output_dir) -> None:
+    from ..checkpoint import Interrupted, interrupt_signal
+
+    signum = interrupt_signal()
+    if signum:
+        raise Interrupted(signum, str(last_trainer_checkpoint(output_dir)))

@@ -21,7 +21,14 @@ from ..config import Recipe, SFTConfig
 from ..data import load_rows, sft_examples, tokenize_sft
 from ..models import load_policy, peft_lora_config, resolve_precision, save_final
 from ..utils import MetricsLogger, log
-from .common import MetricsCallback, tensorboard_dir, trainer_precision_args
+from .common import (
+    InterruptCallback,
+    MetricsCallback,
+    last_trainer_checkpoint,
+    raise_if_interrupted,
+    tensorboard_dir,
+    trainer_precision_args,
+)
 
 
 def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -82,7 +89,9 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         logging_steps=cfg.logging_steps,
         eval_strategy=("steps" if cfg.eval_steps else "epoch") if eval_ds is not None else "no",
         eval_steps=cfg.eval_steps or None,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_every,
+        save_total_limit=2,
         report_to=["tensorboard"],
         seed=recipe.run.seed,
         data_seed=recipe.run.seed,
@@ -101,7 +110,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         eval_dataset=eval_ds,
         processing_class=tok,
         peft_config=peft_lora_config(cfg.lora) if cfg.lora is not None else None,
-        callbacks=[MetricsCallback(metrics, prefix="sft")],
+        callbacks=[MetricsCallback(metrics, prefix="sft"), InterruptCallback()],
     )
     summary: dict = {
         "init_from": init,
@@ -114,7 +123,11 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
     if eval_ds is not None:
         before = trainer.evaluate()["eval_loss"]
         summary["eval_loss_before"] = before
-    result = trainer.train()
+    resume_from = last_trainer_checkpoint(args.output_dir)
+    if resume_from:
+        log(f"sft: resuming from {resume_from}")
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    raise_if_interrupted(args.output_dir)
     summary["train_loss"] = result.training_loss
     summary["steps"] = result.global_step
     if eval_ds is not None:
