@@ -58,6 +58,37 @@ class MetricsCallback(TrainerCallback):
                 print(f"[pipeline] warning: non-finite loss {loss} at step {state.global_step}", flush=True)
 
 
+class NonFiniteCallback(TrainerCallback):
+    """Stop the Trainer after `limit` logged non-finite losses in a row (the last good checkpoint
+    stays on disk). The Trainer's own NaN filter is switched off so a NaN is never averaged away."""
+
+    def __init__(self, stage: str, limit: int = 3):
+        self.stage, self.limit, self.bad = stage, limit, 0
+        self.stopped_at: int | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return control
+        if math.isfinite(loss):
+            self.bad = 0
+            return control
+        self.bad += 1
+        print(f"[pipeline] {self.stage}: non-finite loss {loss} at step {state.global_step} "
+              f"({self.bad} in a row)", flush=True)
+        if self.bad >= self.limit:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+        return control
+
+    def raise_if_stopped(self, output_dir) -> None:
+        if self.stopped_at is not None:
+            raise FloatingPointError(
+                f"{self.stage}: {self.bad} logged losses in a row were NaN/inf (last at step {self.stopped_at}); "
+                f"stopped. The last good checkpoint is {last_trainer_checkpoint(output_dir)}. Lower the learning "
+                "rate or check the data.")
+
+
 class InterruptCallback(TrainerCallback):
     """On SIGINT/SIGTERM: save a Trainer checkpoint at the end of the current step and stop."""
 

@@ -24,6 +24,7 @@ from ..utils import MetricsLogger, log
 from .common import (
     InterruptCallback,
     MetricsCallback,
+    NonFiniteCallback,
     last_trainer_checkpoint,
     raise_if_interrupted,
     tensorboard_dir,
@@ -99,9 +100,11 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         max_length=cfg.max_seq_len,
         dataset_num_proc=None,
         remove_unused_columns=False,
+        logging_nan_inf_filter=False,
         **trainer_precision_args(precision, lora=cfg.lora is not None),
     )
     metrics = MetricsLogger(stage_dir, tensorboard=False)  # the Trainer writes TensorBoard itself
+    nonfinite = NonFiniteCallback("sft")
     tensorboard_dir(stage_dir)
     trainer = SFTTrainer(
         model=model,
@@ -110,7 +113,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         eval_dataset=eval_ds,
         processing_class=tok,
         peft_config=peft_lora_config(cfg.lora) if cfg.lora is not None else None,
-        callbacks=[MetricsCallback(metrics, prefix="sft"), InterruptCallback()],
+        callbacks=[MetricsCallback(metrics, prefix="sft"), InterruptCallback(), nonfinite],
     )
     summary: dict = {
         "init_from": init,
@@ -128,6 +131,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         log(f"sft: resuming from {resume_from}")
     result = trainer.train(resume_from_checkpoint=resume_from)
     raise_if_interrupted(args.output_dir)
+    nonfinite.raise_if_stopped(args.output_dir)
     summary["train_loss"] = result.training_loss
     summary["steps"] = result.global_step
     if eval_ds is not None:
