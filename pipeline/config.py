@@ -189,6 +189,8 @@ class DistillConfig:
     divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = 0.5
     estimator: Literal["full", "sampled"] = "full"
+    # PPO clip range of the ratio pi_student / pi_behaviour (sampled estimator only).
+    clip_coef: float = 0.2
     lora: Optional[LoraConfig] = None
     iterations: int = 30
     rollout_batch_size: int = 16

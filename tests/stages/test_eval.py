@@ -1,0 +1,218 @@
+"""Held-out evaluation: pass-rate aggregation by hand, KL, RM metrics, the stage and the `pipeline eval` CLI."""
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from pipeline.cli import main
+from pipeline.config import load_recipe, parse_recipe
+from pipeline.runner import run_recipe
+from pipeline.stages.eval import model_name, pass_rates, sequence_logprobs, set_name, win_rate
+
+ROOT = Path(__file__).resolve().parents[2]
+LOWER, NO_COMMA, WORDS, QUOTE = ("change_case:english_lowercase", "punctuation:no_comma",
+                                 "length_constraints:number_words", "startend:quotation")
+
+HELDOUT = [
+    {"prompt": "write a poem about the sea in lowercase", "instruction_id_list": [LOWER], "kwargs": [{}]},
+    {"prompt": "Describe a cat. Do not use any commas.", "instruction_id_list": [NO_COMMA, WORDS],
+     "kwargs": [{}, {"relation": "less than", "num_words": 50}]},
+    {"prompt": "hello world"},  # a plain prompt: generated and measured, not checked
+    {"prompt": '"wrap the whole answer in double quotes"', "instruction_id_list": [QUOTE], "kwargs": [{}]},
+]
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------ pure aggregation
+
+
+def test_pass_rates_match_hand_computed_values():
+    records = [
+        {"prompt": "a", "instruction_id_list": [LOWER], "kwargs": [{}]},
+        {"prompt": "b", "instruction_id_list": [NO_COMMA, WORDS],
+         "kwargs": [{}, {"relation": "less than", "num_words": 5}]},
+        {"prompt": "c"},  # no instructions: left out of every rate
+        {"prompt": "d", "instruction_id_list": [QUOTE], "kwargs": [{}]},
+        {"prompt": "e", "instruction_id_list": [LOWER], "kwargs": [{}]},
+    ]
+    responses = [
+        "all lower here",          # lowercase: strict T, loose T
+        "One, two",                # no_comma F (loose F: one line, no '*'); 2 words < 5 T
+        "Anything At All",
+        '"quoted"',                # quotation T
+        "Sure!\nall lower here",   # lowercase strict F ('S'); loose T (first line removed)
+    ]
+    m = pass_rates(records, responses)
+    assert m["n_checked"] == 4 and m["n_instructions"] == 5
+    # prompt-level: strict [T, F, T, F] -> 2/4; loose [T, F, T, T] -> 3/4
+    assert m["pass_rate"] == pytest.approx(0.5)
+    assert m["pass_rate_loose"] == pytest.approx(0.75)
+    # instruction-level over 5 instructions: strict T,F,T,T,F -> 3/5; loose T,F,T,T,T -> 4/5
+    assert m["instruction_pass_rate"] == pytest.approx(0.6)
+    assert m["instruction_pass_rate_loose"] == pytest.approx(0.8)
+    assert m["per_id"][LOWER] == {"n": 2, "pass_rate": 0.5, "pass_rate_loose": 1.0}
+    assert m["per_id"][NO_COMMA] == {"n": 1, "pass_rate": 0.0, "pass_rate_loose": 0.0}
+    assert m["per_id"][WORDS]["pass_rate"] == 1.0 and m["per_id"][QUOTE]["pass_rate"] == 1.0
+    assert pass_rates([{"prompt": "x"}], ["y"]) is None  # plain prompts only: no pass rate at all
+
+
+def test_win_rate_counts_ties_half():
+    # 1<2 loses, 2>1 wins, 3=3 ties, 3>0 wins: (0 + 1 + 0.5 + 1) / 4
+    assert win_rate([1.0, 2.0, 3.0, 3.0], [2.0, 1.0, 3.0, 0.0]) == pytest.approx(0.625)
+
+
+def test_set_and_model_names():
+    assert set_name("eval/constraints/heldout.jsonl") == "heldout"
+    assert set_name("eval/ifeval/subset_supported.jsonl") == "ifeval_subset"
+    assert model_name("sft") == "sft" and model_name("runs/q/ppo/final") == "ppo"
+    assert model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+
+
+def test_eval_recipe_parses():
+    recipe = load_recipe(ROOT / "recipes" / "eval.yaml")
+    assert recipe.stages == ["eval"] and recipe.eval.models == ["base"] and not recipe.eval.do_sample
+    assert [set_name(p) for p in recipe.eval.prompts] == ["heldout", "ifeval_subset"]
+
+
+# ------------------------------------------------------------------------------ KL
+
+
+def test_sequence_logprobs_batched_equals_one_row_at_a_time(tiny_model_dir, tiny_tokenizer):
+    """Left-padded batches with cumsum position ids give each row's unpadded log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (3, 9, 6)]
+    responses = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (5, 2, 0)]
+    got = sequence_logprobs(model, prompts, responses, tiny_tokenizer.pad_token_id, len(tiny_tokenizer), batch_size=3)
+    for p, r, s in zip(prompts, responses, got):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1]
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(r).view(-1, 1)).sum().item()
+        assert s == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.fixture
+def two_models(tmp_path, tiny_model_dir):
+    from conftest import save_tiny
+
+    twin = shutil.copytree(tiny_model_dir, tmp_path / "twin")  # same weights, loaded as a different model
+    other = save_tiny(tmp_path / "other", seed=1)
+    return twin, other
+
+
+def test_eval_stage_metrics_kl_to_itself_zero_and_report(tmp_path, tiny_model_dir, two_models, capsys):
+    twin, other = two_models
+    prompts = write_jsonl(tmp_path / "heldout.jsonl", HELDOUT)
+    recipe = parse_recipe({
+        "run": {"output_dir": str(tmp_path / "run")},
+        "model": {"name_or_path": str(tiny_model_dir), "cpu_autocast": "off"},
+        "stages": ["eval"],
+        "eval": {"models": ["base", str(twin), str(other)], "prompts": [str(prompts)], "max_new_tokens": 12,
+                 "batch_size": 3},
+    })
+    summary = run_recipe(recipe)["eval"]
+    out = tmp_path / "run" / "eval"
+    results = json.loads((out / "results.json").read_text())
+    models = results["sets"]["heldout"]["models"]
+    assert list(models) == ["base", "twin", "other"] and results["reference"]["name"] == "base"
+    assert results["generation"]["decoding"] == "greedy" and results["generation"]["max_new_tokens"] == 12
+    # KL of a model to itself is 0: `twin` is scored by a real reference forward, `base` by definition.
+    assert models["base"]["kl"] == 0.0
+    assert abs(models["twin"]["kl"]) < 1e-6
+    assert abs(models["other"]["kl"]) > 1e-3
+    samples = _read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 3 * len(HELDOUT)
+    for name, m in models.items():
+        rows = [s for s in samples if s["model"] == name]
+        # every number follows from the samples written beside it
+        assert m == {**m, **pass_rates(HELDOUT, [r["response"] for r in rows])}
+        assert m["response_length"] == pytest.approx(sum(r["length"] for r in rows) / len(rows))
+        assert m["eos_share"] == pytest.approx(sum(r["ended"] for r in rows) / len(rows))
+        assert m["kl"] == pytest.approx(sum(r["kl"] for r in rows) / max(1, sum(r["length"] for r in rows)))
+        assert m["rm_score_mean"] is None and m["win_rate"] is None  # no reward model given
+    checked = [s for s in samples if s["index"] == 1]
+    assert all([i["id"] for i in s["instructions"]] == [NO_COMMA, WORDS] for s in checked)
+    assert "instructions" not in samples[2] and samples[2]["prompt"] == "hello world"
+    metrics = _read_jsonl(out / "metrics.jsonl")[-1]
+    assert metrics["eval/heldout/other/pass_rate"] == models["other"]["pass_rate"]
+    assert f"eval/heldout/base/instruction_pass_rate/{LOWER}" in metrics
+    assert summary["heldout/base/pass_rate"] == models["base"]["pass_rate"]
+    assert "heldout" in capsys.readouterr().out  # the compact table
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "heldout" in report and "twin" in report and (tmp_path / "run" / "report.html").exists()
+
+
+def test_unknown_instruction_id_is_an_error_naming_file_and_row(tmp_path, tiny_model_dir, capsys):
+    typo = {"prompt": "x", "instruction_id_list": ["punctuation:no_comas"], "kwargs": [{}]}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [HELDOUT[0], typo])
+    rc = main(["eval", "--models", str(tiny_model_dir), "--prompts", str(bad), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(bad) in err and "row 2" in err and "punctuation:no_comas" in err
+    assert "did you mean 'punctuation:no_comma'" in err and not (tmp_path / "o" / "results.json").exists()
+
+
+# ------------------------------------------------------------------------------ CLI and reward model
+
+
+class FakeScorer:
+    """Stands in for pipeline.rewards.RewardModelScorer: a deterministic score from the text."""
+
+    calls: list = []
+
+    def __init__(self, path, model_cfg, precision):
+        self.path = path
+
+    @staticmethod
+    def fn(text: str) -> float:
+        return float(sum(map(ord, text)) % 7)
+
+    def score(self, prompts, responses):
+        FakeScorer.calls.append(prompts)
+        return torch.tensor([self.fn(r) for r in responses])
+
+
+def test_cli_writes_results_with_rm_scores_and_win_rate(tmp_path, tiny_model_dir, two_models, monkeypatch, capsys):
+    _, other = two_models
+    monkeypatch.setitem(sys.modules, "pipeline.rewards", types.SimpleNamespace(RewardModelScorer=FakeScorer))
+    prompts = write_jsonl(tmp_path / "heldout.jsonl", HELDOUT)
+    out = tmp_path / "cli"
+    rc = main(["eval", "--models", str(tiny_model_dir), str(other), "--prompts", str(prompts), "--output-dir", str(out),
+               "--reward-model", "rm-dir", "--max-new-tokens", "8"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    models = results["sets"]["heldout"]["models"]
+    assert results["reference"]["name"] == "model" and results["baseline"] == "model"  # the first model listed
+    assert models["model"]["kl"] == 0.0 and models["model"]["win_rate"] == 0.5  # all ties with itself
+    samples = _read_jsonl(out / "samples.jsonl")
+    score = {(s["model"], s["index"]): FakeScorer.fn(s["response"]) for s in samples}
+    scores = [score[("other", i)] for i in range(len(HELDOUT))]
+    base = [score[("model", i)] for i in range(len(HELDOUT))]
+    assert models["other"]["rm_score_mean"] == pytest.approx(sum(scores) / len(scores))
+    assert models["other"]["rm_score_std"] == pytest.approx(torch.tensor(scores, dtype=torch.float64).std().item())
+    wins = sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, base)) / len(scores)
+    assert models["other"]["win_rate"] == pytest.approx(wins)
+    assert all(isinstance(p, list) and p[-1]["role"] == "user" for p in FakeScorer.calls[-1])  # chat messages
+    out_text = capsys.readouterr().out
+    assert "win" in out_text and "heldout" in out_text and (out / "report.md").exists()
+
+
+def test_rm_metrics_skipped_with_a_note_when_the_scorer_is_unavailable(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pipeline.rewards", None)  # import fails
+    prompts = write_jsonl(tmp_path / "p.jsonl", HELDOUT[:2])
+    rc = main(["eval", "--models", str(tiny_model_dir), "--prompts", str(prompts), "--output-dir", str(tmp_path / "o"),
+               "--reward-model", "rm-dir", "--max-new-tokens", "4"])
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert rc == 0 and results["reward_model"] is None
+    assert any("RewardModelScorer" in n for n in results["notes"])
+    assert results["sets"]["p"]["models"]["model"]["rm_score_mean"] is None
