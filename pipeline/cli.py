@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate with each model on the prompts and score the responses.")
     e.add_argument("--models", nargs="+", required=True, help="model paths, hub ids or `smollm2-135m-instruct`")
     e.add_argument("--prompts", nargs="+", required=True, help="prompt files (JSONL; IFEval-style records are checked)")
-    e.add_argument("--output-dir", default="runs/eval", help="where results.json is written")
+    e.add_argument("--output-dir", default="runs/eval-cli", help="where results.json is written")
     e.add_argument("--reward-model", default=None, help="reward model directory to score responses")
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--batch-size", type=int, default=16)

@@ -53,6 +53,7 @@ class RolloutBatch:
     advantages: Optional[Tensor] = None
     returns: Optional[Tensor] = None
     from_teacher: Optional[Tensor] = None  # (B,) bool, distillation mixture: which model sampled
+    teacher_logits: Optional[Tensor] = None  # (B, T, V) distillation: the teacher's logits at each visited state
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -192,13 +193,20 @@ def mask_after_eos(tokens: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, query_ids: Tensor, query_mask: Tensor, settings: SamplingSettings,
-                     autocast=None, greedy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample with the KV cache from left-padded prompts. -> (response_ids, response_mask, ended)."""
+                     autocast=None, greedy: bool = False,
+                     vocab_size: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample with the KV cache from left-padded prompts. -> (response_ids, response_mask, ended).
+    `vocab_size`: token ids >= it (padding rows of a larger embedding) are never sampled."""
     gen_model = unwrap_for_generation(model)
     was_training = gen_model.training
     gen_model.eval()
     kw = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
               pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if vocab_size is not None:
+        from transformers import LogitsProcessorList
+
+        # Never sample the padding rows of an embedding larger than the tokenizer (PITFALLS: padded vocabularies).
+        kw.update(logits_processor=LogitsProcessorList([_MaskPaddedVocab(vocab_size)]))
     if greedy:
         kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
     else:
@@ -214,6 +222,19 @@ def sample_responses(model, tokenizer, query_ids: Tensor, query_mask: Tensor, se
     mask, ended = mask_after_eos(response, tokenizer.eos_token_id)
     response = torch.where(mask, response, torch.full_like(response, tokenizer.pad_token_id))
     return response, mask, ended
+
+
+class _MaskPaddedVocab:
+    """Logits processor: -inf on ids >= vocab_size, so samples stay inside the shared tokenizer vocabulary."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if scores.shape[-1] > self.vocab_size:
+            scores = scores.clone()
+            scores[:, self.vocab_size:] = -float("inf")
+        return scores
 
 
 def unwrap_for_generation(model):
@@ -247,6 +268,8 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         elif isinstance(vals[0], Tensor) and vals[0].dim() == 2:
             fill = pad_id if f.name == "response_ids" else (False if vals[0].dtype == torch.bool else 0)
             out[f.name] = torch.cat([pad(v, T, False, fill) for v in vals])
+        elif isinstance(vals[0], Tensor) and vals[0].dim() == 3:  # (B, T, V), e.g. teacher_logits
+            out[f.name] = torch.cat([torch.nn.functional.pad(v, (0, 0, 0, T - v.shape[1])) for v in vals])
         elif isinstance(vals[0], Tensor):
             out[f.name] = torch.cat(vals)
         elif isinstance(vals[0], list):
