@@ -109,6 +109,7 @@ class RewardConfig:
     norm_prompts: Optional[str] = None
     norm_samples: int = 64
     max_new_tokens: int = 96
+    checkpoint_every: int = 50  # optimizer steps between resumable Trainer checkpoints
     max_rows: Optional[int] = None
 
 

@@ -1,0 +1,159 @@
+"""Reward sources behind one interface: `score(prompts, responses) -> (B,) float32 tensor`.
+
+- `RewardModelScorer`: a sequence-classification reward model (the `reward` stage's output), scored
+  at the last real token of the response (its EOS), formatted exactly as in training
+  (`data.prompt_token_ids` + `data.completion_token_ids`), in batches; the score does not depend on
+  batch position or padding side. `normalized()` applies the mean/std saved in `reward_norm.json`.
+- `VerifierReward`: the task checkers (1.0 when every instruction passes; or the share passed).
+- `WeightedSum`: sum_i w_i * source_i, each normalised when it has statistics.
+
+`prompts` items may be a string, a list of chat messages, or an example dict from
+`data.prompt_examples` (`prompt` messages, optional `instruction_id_list` / `kwargs`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import ModelConfig, RewardSourceConfig
+from .data import completion_token_ids, prompt_token_ids
+
+NORM_FILE = "reward_norm.json"
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: Optional[torch.Tensor] = None,
+                       center_coef: float = 0.0) -> torch.Tensor:
+    """-log sigmoid(r_c - r_r - margin), mean over pairs, + center_coef * mean((r_c + r_r)^2).
+
+    The centering term (Eisenstein et al. 2023) keeps scores near zero without changing preferences.
+    """
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -torch.nn.functional.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
+def _messages(p: Any) -> list[dict] | str:
+    if isinstance(p, dict):
+        return p["prompt"]
+    return p
+
+
+class RewardModelScorer:
+    def __init__(self, path_or_model, model_cfg: Optional[ModelConfig] = None, precision=None, batch_size: int = 16,
+                 tokenizer=None):
+        from transformers import AutoModelForSequenceClassification
+
+        from .models import load_tokenizer, resolve_model_path, resolve_precision
+
+        model_cfg = model_cfg or ModelConfig()
+        self.precision = precision or resolve_precision(model_cfg)
+        self.batch_size = batch_size
+        self.stats: Optional[dict] = None
+        if isinstance(path_or_model, (str, Path)):
+            path = resolve_model_path(str(path_or_model))
+            self.tokenizer = tokenizer or load_tokenizer(path, model_cfg)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=self.precision.dtype, trust_remote_code=model_cfg.trust_remote_code)
+            self.model.to(self.precision.device)
+            norm = Path(path) / NORM_FILE
+            if norm.exists():
+                self.stats = json.loads(norm.read_text())
+        else:
+            self.model, self.tokenizer = path_or_model, tokenizer
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.eval()
+
+    def encode(self, prompt, response: str) -> list[int]:
+        m = _messages(prompt)
+        return prompt_token_ids(self.tokenizer, m) + completion_token_ids(self.tokenizer, m, response)
+
+    @torch.no_grad()
+    def score_ids(self, seqs: list[list[int]], padding_side: str = "right") -> torch.Tensor:
+        """Scores of token sequences that end at the response's EOS. Padded with the pad token
+        (distinct from EOS) so the model's last-non-pad pooling reads the EOS position; position ids
+        follow the attention mask, so the padding side does not change a score."""
+        out = []
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(seqs), self.batch_size):
+            chunk = seqs[start:start + self.batch_size]
+            T = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), T), dtype=torch.long)
+            for i, s in enumerate(chunk):
+                sl = slice(0, len(s)) if padding_side == "right" else slice(T - len(s), T)
+                ids[i, sl] = torch.tensor(s)
+                mask[i, sl] = 1
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, position_ids = (t.to(self.precision.device) for t in (ids, mask, position_ids))
+            with self.precision.autocast_ctx():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+            out.append(logits[:, 0].float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def score(self, prompts: list, responses: list[str]) -> torch.Tensor:
+        return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)])
+
+    def normalized(self, scores: torch.Tensor) -> torch.Tensor:
+        if not self.stats:
+            return scores
+        return (scores - self.stats["mean"]) / max(self.stats["std"], 1e-6)
+
+
+class VerifierReward:
+    """The task checkers as a reward: 1.0 when every instruction passes (or the share that pass)."""
+
+    def __init__(self, partial: bool = False):
+        self.partial = partial
+
+    def score(self, prompts: list, responses: list[str]) -> torch.Tensor:
+        from .checkers import check_record
+
+        out = []
+        for p, r in zip(prompts, responses):
+            if not isinstance(p, dict) or not p.get("instruction_id_list"):
+                raise ValueError("the verifier reward needs prompt records with `instruction_id_list` and `kwargs` "
+                                 "(IFEval style); this prompt has none. Use a reward model for plain prompts.")
+            ok = check_record(r, p["instruction_id_list"], p["kwargs"]) if r.strip() else [False]
+            out.append(sum(ok) / len(ok) if self.partial else float(all(ok)))
+        return torch.tensor(out, dtype=torch.float32)
+
+
+class WeightedSum:
+    def __init__(self, sources: list[tuple[float, Any]], normalize: bool = True):
+        self.sources = sources
+        self.normalize = normalize
+
+    def score(self, prompts: list, responses: list[str]) -> torch.Tensor:
+        total = None
+        for w, src in self.sources:
+            s = src.score(prompts, responses)
+            if self.normalize and hasattr(src, "normalized"):
+                s = src.normalized(s)
+            total = w * s if total is None else total + w * s
+        return total
+
+
+def build_reward(sources: Optional[list[RewardSourceConfig]], reward_from: str, recipe) -> Any:
+    """One reward object from the recipe: `rewards:` (a weighted list) or `reward_from` (an RM)."""
+    from .models import resolve_precision
+
+    precision = resolve_precision(recipe.model)
+    if not sources:
+        return RewardModelScorer(recipe.resolve_model_ref(reward_from), recipe.model, precision)
+    built = []
+    for s in sources:
+        if s.kind == "verifier":
+            built.append((s.weight, VerifierReward()))
+        else:
+            built.append((s.weight, RewardModelScorer(recipe.resolve_model_ref(s.source), recipe.model, precision)))
+    if len(built) == 1 and built[0][0] == 1.0:
+        return built[0][1]
+    return WeightedSum(built)

@@ -1,0 +1,38 @@
+"""Reward stage on a tiny model: held-out accuracy rises on a separable toy preference set; the
+output loads with plain transformers and carries its normalisation statistics."""
+
+import json
+
+from conftest import write_jsonl
+from pipeline.config import parse_recipe
+from pipeline.runner import run_recipe
+
+
+def test_reward_stage_learns_toy_preferences(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    rows = []
+    for i in range(48):
+        rows.append({"prompt": f"write about topic {i}", "chosen": f"the dog sleeps {i} good yes",
+                     "rejected": f"no bad the fox {i}"})
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"hello {i}"} for i in range(8)])
+    recipe = parse_recipe({
+        "run": {"name": "t", "output_dir": str(tmp_path / "out"), "seed": 0},
+        "model": {"name_or_path": str(tiny_model_dir), "cpu_autocast": "off"},
+        "stages": ["reward"],
+        "reward": {"data": str(data), "init_from": "base", "lora": None, "lr": 3e-3, "epochs": 4,
+                   "batch_size": 8, "eval_fraction": 0.25, "norm_prompts": str(prompts), "norm_samples": 8,
+                   "max_new_tokens": 8, "logging_steps": 2},
+    })
+    s = run_recipe(recipe)["reward"]
+    assert s["rm/accuracy"] >= 0.9 and s["rm/accuracy"] > s["rm/accuracy_before"]
+    assert s["eval_pairs"] == 12 and s["train_pairs"] == 36  # split by prompt: 25% of 48 prompts held out
+    assert set(s["histogram"]) == {"edges", "chosen", "rejected"}
+    final = tmp_path / "out" / "reward" / "final"
+    norm = json.loads((final / "reward_norm.json").read_text())
+    assert norm["n"] == 8 and norm["std"] > 0
+    model = AutoModelForSequenceClassification.from_pretrained(final)
+    assert model.config.num_labels == 1 and model.config.pad_token_id != model.config.eos_token_id
+    metrics = [json.loads(x) for x in (tmp_path / "out" / "reward" / "metrics.jsonl").read_text().splitlines()]
+    assert any("rm/accuracy" in m for m in metrics) and any("rm/loss" in m for m in metrics)

@@ -1,0 +1,63 @@
+"""The committed task data: every file loads, demonstrations and chosen responses pass their
+checkers, rejected ones fail, and held-out topics/phrasings and IFEval prompts never occur in training."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkers import check_record
+from pipeline.data import load_rows, preference_examples, prompt_examples, sft_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "constraints"
+HELDOUT = ROOT / "eval" / "constraints" / "heldout.jsonl"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_constraints", ROOT / "data" / "make_constraints.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_files_load_in_their_formats():
+    assert len(sft_examples(load_rows(str(DATA / "sft.jsonl")), "sft")) >= 300
+    pairs, _ = preference_examples(load_rows(str(DATA / "prefs.jsonl")), "prefs")
+    assert len(pairs) >= 200
+    ranked, _ = preference_examples(load_rows(str(DATA / "prefs_ranked.jsonl")), "ranked")
+    assert ranked
+    assert len(prompt_examples(load_rows(str(DATA / "prompts.jsonl")), "prompts")) >= 200
+    held = prompt_examples(load_rows(str(HELDOUT)), "heldout")
+    assert len(held) >= 80 and all(ex.get("instruction_id_list") for ex in held)
+
+
+def test_demonstrations_and_pairs_are_judged_correctly():
+    for row in load_rows(str(DATA / "sft.jsonl")):
+        assert all(check_record(row["completion"], row["instruction_id_list"], row["kwargs"])), row["prompt"]
+    sources = set()
+    for row in load_rows(str(DATA / "prefs.jsonl")):
+        assert all(check_record(row["chosen"], row["instruction_id_list"], row["kwargs"])), row["prompt"]
+        assert not all(check_record(row["rejected"], row["instruction_id_list"], row["kwargs"])), row["prompt"]
+        sources.add(row["rejected_source"])
+    assert "sample" in sources, "pairs come from real model samples, not only templates"
+
+
+def test_pools_are_disjoint_and_heldout_unseen():
+    mod = _script()
+    assert not set(mod.TRAIN_TOPICS) & set(mod.HELDOUT_TOPICS)
+    assert not set(mod.TRAIN_TASKS) & set(mod.HELDOUT_TASKS)
+    for iid, (train, held) in mod.PHRASINGS.items():
+        assert not set(train) & set(held), iid
+    mod.check_disjoint(DATA, HELDOUT.parent)  # held-out topics, phrasings, framings, IFEval prompts
+    train_prompts = {r["prompt"] for name in ("sft.jsonl", "prefs.jsonl", "prompts.jsonl")
+                     for r in load_rows(str(DATA / name))}
+    assert not train_prompts & {r["prompt"] for r in load_rows(str(HELDOUT))}
+
+
+@pytest.mark.skipif(not (ROOT / "eval" / "ifeval" / "subset_supported.jsonl").exists(), reason="no IFEval copy")
+def test_ifeval_subset_is_evaluation_only():
+    ifeval = {r["prompt"] for r in load_rows(str(ROOT / "eval" / "ifeval" / "subset_supported.jsonl"))}
+    assert len(ifeval) == 131
+    for name in ("sft.jsonl", "prefs.jsonl", "prompts.jsonl"):
+        assert not ifeval & {r["prompt"] for r in load_rows(str(DATA / name))}

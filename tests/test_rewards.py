@@ -1,0 +1,70 @@
+"""Reward math and scorers: Bradley-Terry by hand; the scorer is independent of batch position and
+padding; the verifier reward uses the checkers."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, build_tiny_tokenizer
+from pipeline.config import ModelConfig
+from pipeline.models import resolve_precision
+from pipeline.rewards import RewardModelScorer, VerifierReward, WeightedSum, bradley_terry_loss
+
+
+def test_bradley_terry_loss_by_hand():
+    rc, rr = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # -log sigmoid(1) = log(1 + e^-1) = 0.313262; -log sigmoid(-1) = log(1 + e) = 1.313262; mean 0.813262
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.e)) / 2)
+    # margin 0.5 on the first pair: -log sigmoid(0.5) = log(1 + e^-0.5) = 0.474077
+    m = torch.tensor([0.5, 0.0])
+    assert bradley_terry_loss(rc, rr, m).item() == pytest.approx((math.log1p(math.exp(-0.5)) + math.log1p(math.e)) / 2)
+    # centering: (1 + 0)^2 = (0 + 1)^2 = 1, mean 1, times 0.1
+    assert bradley_terry_loss(rc, rr, center_coef=0.1).item() == pytest.approx(0.813262 + 0.1, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    from transformers import LlamaForSequenceClassification
+
+    tok = build_tiny_tokenizer()
+    cfg = build_tiny_model(tok).config
+    cfg.num_labels = 1
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(cfg)
+    return RewardModelScorer(model, ModelConfig(cpu_autocast="off"), resolve_precision(ModelConfig(cpu_autocast="off")),
+                             tokenizer=tok, batch_size=8)
+
+
+def test_score_independent_of_batch_position_and_padding(scorer):
+    prompt = [{"role": "user", "content": "write about the sea"}]
+    alone = scorer.score([prompt], ["the sea is blue"])
+    others = [([{"role": "user", "content": "hi"}], "yes"),
+              ([{"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 3}], "no " * 20)]
+    for pos in range(3):
+        rows = others[:pos] + [(prompt, "the sea is blue")] + others[pos:]
+        for side in ("right", "left"):
+            s = scorer.score_ids([scorer.encode(p, r) for p, r in rows], padding_side=side)
+            torch.testing.assert_close(s[pos], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_score_is_read_at_eos_not_padding(scorer):
+    ids = scorer.encode([{"role": "user", "content": "hi"}], "hello")
+    assert ids[-1] == scorer.tokenizer.eos_token_id
+    base = scorer.score_ids([ids])
+    # A longer neighbour forces pads after this row's EOS: its score must not move.
+    padded = scorer.score_ids([ids, ids + [5] * 7])
+    torch.testing.assert_close(padded[0], base[0], atol=1e-5, rtol=1e-5)
+
+
+def test_verifier_and_weighted_sum():
+    rows = [{"prompt": [{"role": "user", "content": "x"}], "instruction_id_list": ["punctuation:no_comma",
+                                                                                   "change_case:english_lowercase"],
+             "kwargs": [{}, {}]}] * 3
+    v = VerifierReward()
+    assert v.score(rows, ["all good here", "Not lower", "a, b"]).tolist() == [1.0, 0.0, 0.0]
+    assert VerifierReward(partial=True).score(rows, ["all good here", "Not lower", ""]).tolist() == [1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="instruction_id_list"):
+        v.score(["plain prompt"], ["x"])
+    w = WeightedSum([(2.0, v), (0.5, VerifierReward(partial=True))])
+    assert w.score(rows, ["all good here", "Not lower", "a, b"]).tolist() == [2.5, 0.25, 0.25]
