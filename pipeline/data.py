@@ -135,11 +135,16 @@ def _as_messages(value: Any, spec: str, i: int, field: str, role: str = "user") 
 def _as_text(value: Any, spec: str, i: int, field: str) -> str:
     """A completion: a string, or messages whose last one is the assistant's reply."""
     if isinstance(value, str):
-        return value
-    msgs = _as_messages(value, spec, i, field, role="assistant")
-    if msgs[-1]["role"] != "assistant":
-        raise DataError(f"{_where(spec, i)}: the last message of `{field}` must have role `assistant`.")
-    return msgs[-1]["content"]
+        text = value
+    else:
+        msgs = _as_messages(value, spec, i, field, role="assistant")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{_where(spec, i)}: the last message of `{field}` must have role `assistant`.")
+        text = msgs[-1]["content"]
+    if not text.strip():
+        # A zero-length response trains nothing but EOS and scores nothing: almost always a data bug.
+        raise DataError(f"{_where(spec, i)}: field `{field}` is an empty response; give the response text.")
+    return text
 
 
 def _require(row: dict, fields: tuple[str, ...], spec: str, i: int, fmt: str) -> None:

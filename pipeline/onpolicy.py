@@ -351,6 +351,21 @@ class PromptSampler:
         self._order = self._shuffle()
 
 
+def check_prompt_lengths(tokenizer, examples: list, spec: str, max_positions: Optional[int],
+                         max_new_tokens: int) -> None:
+    """Refuse, before any compute, prompts that leave no room for the response in the context."""
+    from .data import DataError, prompt_token_ids
+
+    if not max_positions:
+        return
+    for i, ex in enumerate(examples, start=1):
+        n = len(prompt_token_ids(tokenizer, ex["prompt"] if isinstance(ex, dict) else ex))
+        if n + max_new_tokens > max_positions:
+            raise DataError(
+                f"{spec}: row {i}: the prompt is {n} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                f"model's context of {max_positions} tokens. Shorten the prompt or lower max_new_tokens.")
+
+
 def encode_prompts(tokenizer, examples: list, device, max_prompt_tokens: Optional[int] = None):
     """Prompt examples -> left-padded (query_ids, query_mask) through the one chat-template path."""
     from .data import prompt_token_ids

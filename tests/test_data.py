@@ -154,3 +154,14 @@ def test_rows_truncated_to_nothing_are_counted_not_trained(tiny_tokenizer):
                                      {"prompt": short, "completion": "the dog sleeps " * 30}], max_seq_len=32)
     assert stats.rows == 2 and stats.kept == 1 and stats.no_trainable_tokens == 1 and stats.truncated == 2
     assert len(rows) == 1 and len(rows[0]["input_ids"]) == 32 and sum(rows[0]["completion_mask"]) > 0
+
+
+@pytest.mark.parametrize("rows,fn,match", [
+    ([{"prompt": "hi", "completion": "  "}], sft_examples, r"row 1: field `completion` is an empty response"),
+    ([{"prompt": "q", "chosen": "a", "rejected": ""}], lambda r, s: preference_examples(r, s),
+     r"row 1: field `rejected` is an empty response"),
+])
+def test_zero_length_responses_are_errors(tmp_path, rows, fn, match):
+    p = write_jsonl(tmp_path / "z.jsonl", rows)
+    with pytest.raises(DataError, match=match):
+        fn(load_rows(str(p)), str(p))

@@ -39,6 +39,7 @@ from ..onpolicy import (
     SamplingSettings,
     Throughput,
     UpdateSettings,
+    check_prompt_lengths,
     critic_values,
     encode_prompts,
     gather_mean,
@@ -399,6 +400,9 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
     precision, accelerator = accelerate_precision(recipe)
     prompts = prompt_examples(load_rows(cfg.prompts), cfg.prompts)
     models = build_models(recipe, cfg, precision)
+    check_prompt_lengths(models.tokenizer, prompts, cfg.prompts,
+                         getattr(unwrap_for_generation(models.policy).config, "max_position_embeddings", None),
+                         cfg.max_new_tokens)
     reward = build_reward(cfg.rewards, cfg.reward_from, recipe)
     history = train_ppo(models, reward, prompts, cfg, precision, stage_dir, seed=recipe.run.seed,
                         accelerator=accelerator)

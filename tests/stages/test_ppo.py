@@ -175,3 +175,15 @@ def test_kl_of_identical_policies_is_zero():
     pol = recompute_logprobs(models.policy, batch, 1.0, 8)
     for kind in ("k1", "k2", "k3"):
         assert kl_penalty(pol, ref, kind)[batch.response_mask].abs().max() < 1e-6
+
+
+def test_prompt_longer_than_context_is_refused_before_compute():
+    from pipeline.data import DataError
+    from pipeline.onpolicy import check_prompt_lengths
+
+    tok = build_tiny_tokenizer()
+    rows = [{"prompt": [{"role": "user", "content": "hi"}]},
+            {"prompt": [{"role": "user", "content": "the quick brown fox " * 50}]}]
+    check_prompt_lengths(tok, rows[:1], "p.jsonl", 512, 64)
+    with pytest.raises(DataError, match=r"p.jsonl: row 2: the prompt is \d+ tokens; with max_new_tokens=64 it exceeds"):
+        check_prompt_lengths(tok, rows, "p.jsonl", 128, 64)
