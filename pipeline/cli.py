@@ -67,8 +67,9 @@ def cmd_validate(args) -> int:
     from .runner import validate_data
 
     recipe = load_recipe(args.recipe, args.overrides)
+    lines = validate_data(recipe)
     print(f"{args.recipe}: recipe OK (stages: {', '.join(recipe.stages)})")
-    for line in validate_data(recipe):
+    for line in lines:
         print(f"  {line}")
     return 0
 
