@@ -41,3 +41,16 @@ def test_builtin_default_model_loads_and_generates():
     assert tok.pad_token_id != tok.eos_token_id and tok.chat_template
     out = generate(model, tok, ["Say hello."], max_new_tokens=8)
     assert out.texts[0].strip()
+
+
+def test_bf16_autocast_loss_matches_fp32(tiny_model_dir):
+    """CPU mixed precision is on by default only because the loss it computes matches fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp32 = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(input_ids=ids, labels=ids).loss
+    assert bf16.item() == pytest.approx(fp32.item(), rel=2e-2)
