@@ -197,7 +197,7 @@ def make_prompt(rng: random.Random, heldout: bool, counts: dict[str, int]) -> di
     return {"prompt": prompt, "task": task, "topic": topic, "instruction_id_list": ids, "kwargs": kwargs}
 
 
-def whole_sentences(text: str, max_sentences: int = 5, max_words: int = 90) -> str:
+def whole_sentences(text: str, max_sentences: int = 4, max_words: int = 60) -> str:
     text = re.sub(r"\s+", " ", text.replace("*", " ").replace("#", " ")).strip()
     parts = re.split(r"(?<=[.!?])\s+", text)
     out: list[str] = []

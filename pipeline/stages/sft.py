@@ -101,6 +101,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         dataset_num_proc=None,
         remove_unused_columns=False,
         logging_nan_inf_filter=False,
+        gradient_checkpointing=False,  # small models: recomputing activations costs more than it saves
         **trainer_precision_args(precision, lora=cfg.lora is not None),
     )
     metrics = MetricsLogger(stage_dir, tensorboard=False)  # the Trainer writes TensorBoard itself
