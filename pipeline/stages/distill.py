@@ -1,0 +1,647 @@
+"""Stage `distill`: on-policy distillation, i.e. DAgger for tokens, on the shared RL core.
+
+    pipeline run recipes/distill.yaml            (or --stages distill in any recipe)
+
+A small student learns from a teacher by acting: the student samples responses and the teacher labels
+every state (prefix) the student visits with its whole next-token distribution (BACKGROUND: DAgger).
+Per iteration i (numbered as in `train_distill`):
+  1. beta_i from the schedule: constant `beta`; linear from `beta` to `beta_end` over the iterations;
+     exponential `beta * beta_decay**i`;
+  2. roll out the mixture pi_i = beta_i * teacher + (1 - beta_i) * student, mixed PER SEQUENCE: each
+     response is sampled wholly by the teacher with probability beta_i (a seeded coin per row), else
+     wholly by the student. `RolloutBatch.from_teacher` says which; beta = 0 is fully on-policy,
+     beta = 1 is off-policy distillation on teacher samples;
+  3. label: one teacher forward gives its logits at every visited state; the behaviour log-probs are
+     the SAMPLER's (the teacher's on teacher rows), so the sampled estimator's ratio
+     pi_student / pi_behaviour corrects for the mixture;
+  4. update through `onpolicy.optimise` (the same minibatch / micro-batch / token-normalised loop as PPO):
+     - `estimator: full`: the exact per-token divergence over the whole vocabulary at each visited
+       state, summed over counted tokens / the minibatch's `n_tokens`. `divergence`: reverse_kl
+       KL(student || teacher) (mode seeking, default), forward_kl KL(teacher || student) (mode covering;
+       on teacher samples this is behavior cloning with soft labels), or jsd (generalized JSD, `jsd_beta`);
+     - `estimator: sampled`: reverse KL estimated at the sampled token only, used as a per-token reward
+       r_t = -(log pi_s(a_t) - log pi_t(a_t)) with discount 0 (advantage = r_t, no baseline) in the PPO
+       clipped policy-gradient loss (`rl.policy_loss`), as in on-policy distillation (Agarwal et al. 2024
+       "GKD"; Thinking Machines, "On-Policy Distillation", 2025).
+At the end: greedy teacher and student answers on held-out prompts -> checker pass rates, and the exact
+reverse / forward KL of the student to the teacher at the states of the student's own greedy answers,
+per token and at each response position 1..T (do errors compound along the sequence?), in
+`heldout.json` and the summary. The student is saved to `final/` (plain transformers loads it).
+
+Departures from DAgger as written in BACKGROUND.md, each deliberate:
+  - the mixture is per sequence, not per state: every row has one behaviour policy, so its log-probs are
+    one model's and teacher rows are plain (soft-label) behavior-cloning data;
+  - no aggregation D <- D u D_i: each batch is trained on for `epochs` passes and dropped (on-policy
+    distillation; the student's current states matter most);
+  - the divergence uses the sampling `temperature` for both distributions (as TRL's GKDTrainer); the
+    logged and held-out KLs are at temperature 1.
+The teacher and student must share a tokenizer (vocabulary and special tokens; checked before any model
+is loaded). Logits are sliced to `len(tokenizer)`, so embeddings padded to different sizes still match
+(PITFALLS), and sampling never picks a padding row. The student is any causal LM, or the teacher with a
+subset of its decoder layers (`student.from_teacher.keep_layers`). One process (no accelerate).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpoint import (
+    Interrupted,
+    interrupt_signal,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_jsonl,
+)
+from ..config import DistillConfig, Recipe, RecipeError
+from ..models import (
+    ModelError,
+    Precision,
+    load_causal_lm,
+    load_tokenizer,
+    peft_lora_config,
+    resolve_model_path,
+    resolve_precision,
+    save_final,
+)
+from ..onpolicy import (
+    PromptSampler,
+    RolloutBatch,
+    SamplingSettings,
+    Throughput,
+    UpdateSettings,
+    concat_batches,
+    encode_prompts,
+    optimise,
+    policy_logprobs,
+    response_logits,
+    sample_responses,
+    unwrap_for_generation,
+)
+from ..rl import (
+    entropy_from_logits,
+    forward_kl_full,
+    generalized_jsd_full,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    policy_loss,
+    reverse_kl_full,
+)
+from ..utils import MetricsLogger, atomic_write_json, log, read_jsonl
+
+Tensor = torch.Tensor
+DEFAULT_HELDOUT = "eval/constraints/heldout.jsonl"
+CALIBRATION_PROMPTS = 32  # prompts whose tokens score the teacher's layers for keep_layers: influence_K
+
+
+class TokenizerMismatchError(ModelError):
+    """Teacher and student tokenize differently: token-level distillation would compare unrelated ids."""
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillModels:
+    student: Any  # trainable (a PeftModel with LoRA)
+    teacher: Any  # frozen, eval mode
+    tokenizer: Any  # shared by both (checked)
+    vocab_size: int  # len(tokenizer): both models' logits are sliced to it
+    kept_layers: Optional[list[int]] = None  # the teacher layers a student built from the teacher keeps
+
+
+def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str = "teacher", student_name: str = "student"):
+    """Raise TokenizerMismatchError unless the vocabularies and the special-token ids are identical."""
+    problems = []
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t, only_s = sorted(set(tv) - set(sv))[:3], sorted(set(sv) - set(tv))[:3]
+        moved = sorted(k for k in set(tv) & set(sv) if tv[k] != sv[k])[:3]
+        problems.append(f"vocabularies differ ({len(tv)} vs {len(sv)} tokens; only in teacher: {only_t}, "
+                        f"only in student: {only_s}, different ids: {moved})")
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        a, b = getattr(teacher_tok, name), getattr(student_tok, name)
+        if a != b:
+            problems.append(f"{name} {a} (teacher) != {b} (student)")
+    if problems:
+        raise TokenizerMismatchError(
+            f"distill: the teacher ({teacher_name}) and the student ({student_name}) must share a tokenizer: "
+            + "; ".join(problems) + ". Token-level distillation compares next-token distributions id by id; "
+            "pick a student of the same model family, or build it from the teacher with "
+            "`student: {from_teacher: {keep_layers: every_2nd}}`.")
+
+
+def keep_layer_indices(spec, n_layers: int, influence: Optional[list[float]] = None) -> list[int]:
+    """`every_2nd` / `every_3rd` / `every_Nth` -> layers 0, N, 2N, ...; `first_K` -> 0..K-1; `influence_K`
+    -> the K layers with the highest Block Influence (`influence`, one score per layer); or a list."""
+    if isinstance(spec, list):
+        idx = list(spec)
+    elif m := re.fullmatch(r"every_(\d+)(?:st|nd|rd|th)", str(spec)):
+        idx = list(range(0, n_layers, int(m.group(1))))
+    elif m := re.fullmatch(r"first_(\d+)", str(spec)):
+        idx = list(range(int(m.group(1))))
+    elif m := re.fullmatch(r"influence_(\d+)", str(spec)):
+        if influence is None:
+            raise ValueError("keep_layers influence_K needs the layers' Block Influence scores")
+        k = int(m.group(1))
+        idx = sorted(sorted(range(n_layers), key=lambda i: -influence[i])[:k]) if k <= n_layers else list(range(k))
+    else:
+        raise RecipeError(f"distill.student.from_teacher.keep_layers: {spec!r} is not every_2nd, every_3rd, "
+                          "every_Nth, first_K, influence_K or a list of layer indices.")
+    if not idx or len(set(idx)) != len(idx) or idx != sorted(idx) or idx[0] < 0 or idx[-1] >= n_layers:
+        raise RecipeError(f"distill.student.from_teacher.keep_layers: {spec!r} gives layers {idx}; need distinct "
+                          f"increasing indices in 0..{n_layers - 1} (the teacher has {n_layers} layers).")
+    return idx
+
+
+@torch.no_grad()
+def block_influence(model, input_ids: Tensor, attention_mask: Tensor) -> list[float]:
+    """Block Influence of each decoder layer, 1 - cos(h_in, h_out) averaged over real tokens: how much the
+    layer changes the residual stream (ShortGPT, Men et al. 2024, arXiv:2403.03853). Low = redundant."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   output_hidden_states=True, use_cache=False).hidden_states
+    mask = attention_mask.bool()
+    n = len(hidden) - 1
+    # The last entry of hidden_states is after the final norm in most models, which raises the last layer's
+    # score; ShortGPT uses the returned states as they are (and pruning schemes keep the last layer anyway).
+    return [float((1 - torch.nn.functional.cosine_similarity(hidden[i].float(), hidden[i + 1].float(), dim=-1))[mask]
+                  .mean()) for i in range(n)]
+
+
+def _decoder_layers(model, n_layers: int) -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList of decoder blocks (`model.layers` for Llama/Qwen, `transformer.h` for GPT-2)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n_layers:
+            return name, mod
+    raise ModelError(f"distill: cannot find the {n_layers} decoder layers of {type(model).__name__}; "
+                     "give the student as `student.name_or_path` instead.")
+
+
+def choose_layers(teacher, keep_layers, calibration: Optional[tuple[Tensor, Tensor]] = None) -> list[int]:
+    """The teacher layers a `keep_layers` spec keeps (influence_K scores them on `calibration` first)."""
+    influence = None
+    if str(keep_layers).startswith("influence_"):
+        if calibration is None:
+            raise ValueError("keep_layers influence_K needs calibration inputs (input_ids, attention_mask)")
+        influence = block_influence(teacher, *calibration)
+    keep = keep_layer_indices(keep_layers, teacher.config.get_text_config().num_hidden_layers, influence)
+    log(f"distill: the student keeps teacher layers {keep}" + (
+        f" (Block Influence {[round(x, 3) for x in influence]})" if influence else ""))
+    return keep
+
+
+def student_from_teacher(teacher, keep_layers, calibration: Optional[tuple[Tensor, Tensor]] = None) -> Any:
+    """A new model of the teacher's class with the teacher's embeddings, final norm, lm_head and the kept
+    decoder layers. The config is rebuilt for the kept layers (num_hidden_layers and every per-layer
+    list such as `layer_types`), so layer_idx / the KV cache are right and `save_pretrained` writes a
+    config plain transformers loads. `influence_K` scores the layers on `calibration` (prompt tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    n = teacher.config.get_text_config().num_hidden_layers
+    keep = (keep_layer_indices(keep_layers, n) if isinstance(keep_layers, list)
+            else choose_layers(teacher, keep_layers, calibration))
+    config = copy.deepcopy(teacher.config)
+    sub = config.get_text_config()
+    for key, value in sub.to_dict().items():  # per-layer attributes, e.g. layer_types / no_rope_layers
+        if isinstance(value, list) and len(value) == n and "layer" in key:
+            setattr(sub, key, [value[i] for i in keep])
+    sub.num_hidden_layers = len(keep)
+    prefix, _ = _decoder_layers(teacher, n)
+    new_index = {old: new for new, old in enumerate(keep)}
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    state = {}
+    for key, tensor in teacher.state_dict().items():
+        m = pattern.match(key)
+        if m is None:
+            state[key] = tensor
+        elif int(m.group(1)) in new_index:
+            state[f"{prefix}.{new_index[int(m.group(1))]}.{key[m.end():]}"] = tensor
+    dtype = next(teacher.parameters()).dtype
+    student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    student.load_state_dict(state, strict=True)  # every kept weight lands in place, nothing is left random
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student.to(next(teacher.parameters()).device)
+
+
+def build_models(recipe: Recipe, cfg: DistillConfig, precision: Precision) -> DistillModels:
+    check_config(cfg, recipe.source or "<recipe>")
+    teacher_path = resolve_model_path(recipe.resolve_model_ref(cfg.teacher_from))
+    tok = load_tokenizer(teacher_path, recipe.model)
+    student_path, kept_layers = None, None
+    if cfg.student.name_or_path:
+        student_path = resolve_model_path(recipe.resolve_model_ref(cfg.student.name_or_path))
+        student_tok = load_tokenizer(student_path, recipe.model)
+        check_same_tokenizer(tok, student_tok, teacher_path, student_path)  # before any model is loaded
+        tok = student_tok
+    teacher = load_causal_lm(teacher_path, recipe.model, precision, tok).requires_grad_(False)
+    if student_path is not None:
+        student = load_causal_lm(student_path, recipe.model, precision, tok)
+    else:
+        keep = cfg.student.from_teacher.keep_layers
+        calibration = None
+        if str(keep).startswith("influence_"):  # Block Influence measured on the first distillation prompts
+            from ..data import load_rows, prompt_examples
+
+            rows = prompt_examples(load_rows(cfg.prompts, max_rows=CALIBRATION_PROMPTS), cfg.prompts)
+            calibration = encode_prompts(tok, rows, precision.device)
+        kept_layers = choose_layers(teacher, keep, calibration)
+        student = student_from_teacher(teacher, kept_layers)
+    if cfg.lora is not None:
+        from peft import get_peft_model
+
+        student = get_peft_model(student, peft_lora_config(cfg.lora))
+    # Dropout off in both models (PITFALLS); gradients still flow through the student.
+    teacher.eval()
+    student.eval()
+    n_t = teacher.config.get_text_config().num_hidden_layers
+    n_s = unwrap_for_generation(student).config.get_text_config().num_hidden_layers
+    log(f"distill: teacher {teacher_path} ({n_t} layers) -> student "
+        f"{student_path or f'from the teacher, keep_layers={cfg.student.from_teacher.keep_layers}'} ({n_s} layers)")
+    return DistillModels(student=student, teacher=teacher, tokenizer=tok, vocab_size=len(tok),
+                         kept_layers=kept_layers)
+
+
+def check_config(cfg: DistillConfig, where: str) -> None:
+    if cfg.estimator == "sampled" and cfg.divergence != "reverse_kl":
+        raise RecipeError(f"{where}: `distill.estimator: sampled` estimates the reverse KL from the student's "
+                          f"sampled tokens; it cannot train `divergence: {cfg.divergence}`. Use `estimator: full`.")
+    if bool(cfg.student.name_or_path) == (cfg.student.from_teacher is not None):
+        raise RecipeError(f"{where}: `distill.student` needs exactly one of `name_or_path` (a model with the "
+                          "teacher's tokenizer) or `from_teacher: {keep_layers: ...}`.")
+    for key in ("beta", "beta_end"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise RecipeError(f"{where}: `distill.{key}` is a probability in [0, 1], got {getattr(cfg, key)}.")
+
+
+# --------------------------------------------------------------------------------------------
+# The mixture and the losses
+# --------------------------------------------------------------------------------------------
+
+
+def beta_at(cfg: DistillConfig, i: int) -> float:
+    """beta_i for iteration i = 0, 1, ...: the probability that a sequence is sampled by the teacher."""
+    if cfg.beta_schedule == "linear":
+        frac = i / max(cfg.iterations - 1, 1)
+        return cfg.beta + (cfg.beta_end - cfg.beta) * frac
+    if cfg.beta_schedule == "exponential":
+        return cfg.beta * cfg.beta_decay ** i
+    return cfg.beta
+
+
+def divergence_fn(name: str, jsd_beta: float = 0.5):
+    """(student_logits, teacher_logits, temperature) -> (B, T) per-token divergence over the vocabulary."""
+    return {"reverse_kl": reverse_kl_full, "forward_kl": forward_kl_full,
+            "jsd": functools.partial(generalized_jsd_full, beta=jsd_beta)}[name]
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, divergence: str, n_tokens: float,
+                 temperature: float = 1.0, jsd_beta: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Full-vocabulary estimator. (B, T, V) x2, mask (B, T) -> (sum of counted per-token divergences /
+    n_tokens, the per-token divergence (B, T)). `n_tokens` counts the whole minibatch (optimise)."""
+    per_token = divergence_fn(divergence, jsd_beta)(student_logits, teacher_logits.detach(), temperature=temperature)
+    return masked_sum(per_token, mask.bool()) / n_tokens, per_token
+
+
+def sampled_rewards(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """r_t = -(log pi_s(a_t) - log pi_t(a_t)): minus the k1 reverse-KL estimate at the sampled token (B, T).
+    Zero on uncounted tokens."""
+    r = -(student_logprobs - teacher_logprobs)
+    return torch.where(mask.bool(), r, torch.zeros((), dtype=r.dtype, device=r.device))
+
+
+def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision):
+    V = models.vocab_size
+
+    def full_loss(mb: RolloutBatch, n_tokens: float):
+        with precision.autocast_ctx():
+            logits = response_logits(models.student, mb)[..., :V]
+        loss, per_token = distill_loss(logits, mb.teacher_logits[..., :V], mb.response_mask, cfg.divergence,
+                                       n_tokens, cfg.temperature, cfg.jsd_beta)
+        return loss, {"distill/divergence": masked_mean(per_token.detach(), mb.response_mask)}
+
+    def sampled_loss(mb: RolloutBatch, n_tokens: float):
+        with precision.autocast_ctx():
+            logprobs, _, _ = policy_logprobs(models.student, mb, cfg.temperature, vocab_size=V)
+        # Clipped ratio pi_s / pi_behaviour: on teacher rows the behaviour is the teacher (the mixture).
+        loss, stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_coef, n_tokens)
+        return loss, {f"distill/{k}": v for k, v in stats.items()}
+
+    return full_loss if cfg.estimator == "full" else sampled_loss
+
+
+# --------------------------------------------------------------------------------------------
+# One iteration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StateLabels:
+    teacher_logits: Tensor  # (B, T, V)
+    teacher_logprobs: Tensor  # (B, T) at the sampling temperature
+    student_logprobs: Tensor  # (B, T) at the sampling temperature
+    reverse_kl: Tensor  # (B, T) exact KL(student || teacher) at temperature 1
+    forward_kl: Tensor  # (B, T) exact KL(teacher || student) at temperature 1
+    entropy: Tensor  # (B, T) the student's entropy at temperature 1 (near 0: collapsed to one token)
+
+
+@torch.no_grad()
+def label_states(models: DistillModels, batch: RolloutBatch, temperature: float, micro_batch_size: int,
+                 precision: Precision) -> StateLabels:
+    """Teacher and student forwards over every visited state (the training forward: left padding,
+    position ids from the mask), in micro-batches."""
+    V, parts = models.vocab_size, []
+    for start in range(0, len(batch), micro_batch_size):
+        mb = batch.index(torch.arange(start, min(start + micro_batch_size, len(batch))))
+        with precision.autocast_ctx():
+            s_logits = response_logits(models.student, mb)[..., :V]
+            t_logits = response_logits(models.teacher, mb)[..., :V]
+        parts.append(StateLabels(
+            teacher_logits=t_logits,
+            teacher_logprobs=logprobs_from_logits(t_logits, mb.response_ids, temperature),
+            student_logprobs=logprobs_from_logits(s_logits, mb.response_ids, temperature),
+            reverse_kl=reverse_kl_full(s_logits, t_logits),
+            forward_kl=forward_kl_full(s_logits, t_logits),
+            entropy=entropy_from_logits(s_logits)))
+    return StateLabels(*(torch.cat([getattr(p, f) for p in parts]) for f in StateLabels.__dataclass_fields__))
+
+
+@torch.no_grad()
+def make_rollout(models: DistillModels, examples: list, cfg: DistillConfig, beta: float, precision: Precision,
+                 timer: Throughput, generator: torch.Generator) -> tuple[RolloutBatch, dict]:
+    """Sample from the per-sequence mixture and label the visited states. -> (batch, {"stats", "texts"})."""
+    tok, device = models.tokenizer, next(models.student.parameters()).device
+    # One seeded coin per sequence: True = sampled wholly by the teacher.
+    from_teacher = torch.rand(len(examples), generator=generator) < beta
+    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature)
+    parts = []
+    with timer.time("generate"):
+        for flag, model in ((True, models.teacher), (False, models.student)):
+            rows = [ex for ex, f in zip(examples, from_teacher.tolist()) if f == flag]
+            if not rows:
+                continue
+            q, qm = encode_prompts(tok, rows, device)
+            r, rm, ended = sample_responses(model, tok, q, qm, settings, precision.autocast_ctx(),
+                                            vocab_size=models.vocab_size)
+            parts.append(RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=None,
+                                      ended=ended, prompts=rows,
+                                      from_teacher=torch.full((len(rows),), flag, dtype=torch.bool, device=device)))
+    batch = concat_batches(parts, tok.pad_token_id)
+    with timer.time("label"):
+        labels = label_states(models, batch, cfg.temperature, cfg.micro_batch_size, precision)
+    mask, teacher_rows = batch.response_mask, batch.from_teacher[:, None]
+    # Behaviour log-probs are the sampler's: the teacher's on teacher rows, the student's on the others.
+    batch.logprobs = torch.where(teacher_rows, labels.teacher_logprobs, labels.student_logprobs)
+    batch.teacher_logprobs = labels.teacher_logprobs
+    if cfg.estimator == "full":
+        batch.teacher_logits = labels.teacher_logits
+    else:
+        # Discount 0: each token's advantage is its own reward (no reward-to-go, no baseline).
+        batch.rewards = sampled_rewards(labels.student_logprobs, labels.teacher_logprobs, mask)
+        batch.advantages = batch.rewards
+    texts = tok.batch_decode([ids[m].tolist() for ids, m in zip(batch.response_ids, mask)], skip_special_tokens=True)
+    stats = {
+        "distill/beta": beta,
+        "distill/teacher_share": float(batch.from_teacher.float().mean()),
+        "distill/response_length": float(mask.sum(-1).float().mean()),
+        "distill/eos_share": float(batch.ended.float().mean()),
+    }
+    # Exact per-token KLs to the teacher (temperature 1), on the student's own samples and on the teacher's.
+    for suffix, rows in (("", ~teacher_rows), ("_teacher_rows", teacher_rows)):
+        rows_mask = mask & rows
+        if rows_mask.any():
+            stats[f"distill/reverse_kl{suffix}"] = float(masked_mean(labels.reverse_kl, rows_mask))
+            stats[f"distill/forward_kl{suffix}"] = float(masked_mean(labels.forward_kl, rows_mask))
+            stats[f"distill/entropy{suffix}"] = float(masked_mean(labels.entropy, rows_mask))
+    if cfg.estimator == "sampled":
+        stats["distill/reward"] = float(masked_mean(batch.rewards, mask))
+    student_rows = [i for i, f in enumerate(batch.from_teacher.tolist()) if not f]
+    rate = pass_rate([batch.prompts[i] for i in student_rows], [texts[i] for i in student_rows])
+    if rate is not None:
+        stats["distill/pass_rate"] = rate
+    row_kl = (torch.where(mask, labels.reverse_kl, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+    return batch, {"stats": stats, "texts": texts, "row_reverse_kl": row_kl}
+
+
+def pass_rate(rows: list, texts: list[str]) -> Optional[float]:
+    """Share of responses that follow all their instructions (rows with checkers only; None if none)."""
+    from ..checkers import check_record
+
+    judged = [all(check_record(t, ex["instruction_id_list"], ex["kwargs"]))
+              for ex, t in zip(rows, texts) if isinstance(ex, dict) and ex.get("instruction_id_list")]
+    return sum(judged) / len(judged) if judged else None
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def train_distill(models: DistillModels, prompts: list, cfg: DistillConfig, precision: Precision, stage_dir: Path,
+                  seed: int = 0, metrics: Optional[MetricsLogger] = None, progress: bool = True,
+                  resume: bool = True) -> list[dict]:
+    """Run `cfg.iterations` distillation iterations. Returns the per-iteration metrics (also in
+    metrics.jsonl). Checkpoints (student weights, optimizer, RNGs, prompt position) every
+    `checkpoint_every` iterations and on SIGINT/SIGTERM; with `resume` continues from the newest."""
+    check_config(cfg, "distill")
+    stage_dir = Path(stage_dir)
+    sampler = PromptSampler(prompts, seed)
+    params = [p for p in models.student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
+    shuffle = torch.Generator().manual_seed(seed)
+    mixture = torch.Generator().manual_seed(seed + 1)  # the per-sequence teacher/student coins
+    update = UpdateSettings(cfg.epochs, cfg.minibatch_size, cfg.micro_batch_size, cfg.max_grad_norm)
+    loss_fn = make_loss_fn(models, cfg, precision)
+    ckpt_root = stage_dir / "checkpoints"
+    ckpt_models = {"student": unwrap_for_generation(models.student)}
+    generators = {"shuffle": shuffle, "mixture": mixture}
+    start, nonfinite, history = 1, 0, []
+    latest = latest_checkpoint(ckpt_root) if resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, ckpt_models, optimizer, generators)
+        sampler.load_state_dict(state["sampler"])
+        start, nonfinite = state["iteration"] + 1, state["nonfinite"]
+        truncate_jsonl(stage_dir / "metrics.jsonl", state["iteration"])
+        truncate_jsonl(stage_dir / "samples.jsonl", state["iteration"], key="iteration")
+        history = [r for r in read_jsonl(stage_dir / "metrics.jsonl") if "distill/loss" in r]
+        log(f"distill: resuming from {latest} (iteration {start} of {cfg.iterations})")
+    else:
+        for name in ("metrics.jsonl", "samples.jsonl"):  # rows of an earlier attempt without a checkpoint
+            (stage_dir / name).unlink(missing_ok=True)
+    metrics = metrics or MetricsLogger(stage_dir)
+    bar = tqdm(range(start, cfg.iterations + 1), desc="distill", disable=not progress, initial=start - 1,
+               total=cfg.iterations)
+    for it in bar:
+        timer = Throughput()
+        # 1-2. beta_i, then roll out the mixture; 3. the teacher labels every visited state.
+        beta = beta_at(cfg, it - 1)
+        batch, info = make_rollout(models, sampler.next(cfg.rollout_batch_size), cfg, beta, precision, timer,
+                                   mixture)
+        # 4. update the student on this batch through the shared loop.
+        with timer.time("train"):
+            upd = optimise(batch, loss_fn, optimizer, params, update, shuffle)
+        stats = dict(info["stats"])
+        stats.update({k: v for k, v in upd.items() if k.startswith("distill/")})
+        stats["distill/loss"] = upd.get("loss", float("nan"))
+        stats["distill/grad_norm"] = upd.get("grad_norm", float("nan"))
+        stats["distill/skipped_steps"] = upd["skipped_steps"]
+        stats["distill/tokens_per_s"] = batch.n_tokens / max(sum(timer.parts.values()), 1e-9)
+        for k, v in timer.parts.items():
+            stats[f"distill/time_{k}_s"] = v
+        if upd["optimizer_steps"] == 0 and upd["skipped_steps"] > 0:
+            nonfinite += 1
+            log(f"distill: iteration {it}: every update had a non-finite gradient; skipped ({nonfinite} in a row)")
+            if nonfinite >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(f"distill: {nonfinite} iterations in a row with non-finite gradients; "
+                                         "stopping. Lower distill.lr.")
+        else:
+            nonfinite = 0
+        metrics.log(it, stats)
+        history.append(stats)
+        post = {"rkl": f"{stats['distill/reverse_kl']:.3f}"} if "distill/reverse_kl" in stats else {}
+        bar.set_postfix(loss=f"{stats['distill/loss']:.3f}", beta=f"{beta:.2f}", **post)
+        if cfg.log_samples_every and (it == 1 or it % cfg.log_samples_every == 0):
+            log_samples(stage_dir, it, batch, info, n=3)
+        signum = interrupt_signal()
+        if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.iterations) or signum:
+            path = save_checkpoint(ckpt_root, it, ckpt_models, optimizer,
+                                   {"sampler": sampler.state_dict(), "nonfinite": nonfinite}, generators)
+            if signum:
+                raise Interrupted(signum, str(path))
+    return history
+
+
+def log_samples(stage_dir: Path, it: int, batch: RolloutBatch, info: dict, n: int = 3) -> None:
+    with open(stage_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+        for i in range(min(n, len(batch))):
+            ex = batch.prompts[i]
+            prompt = ex["prompt"][-1]["content"] if isinstance(ex, dict) else str(ex)
+            f.write(json.dumps({"iteration": it, "prompt": prompt, "response": info["texts"][i],
+                                "from_teacher": bool(batch.from_teacher[i]),
+                                "reverse_kl_per_token": info["row_reverse_kl"][i]}) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def heldout_eval(models: DistillModels, examples: list, cfg: DistillConfig, precision: Precision,
+                 progress: bool = False) -> dict:
+    """Greedy answers of teacher and student -> pass rates; exact reverse / forward KL(student, teacher)
+    at the states of the student's greedy answers: per token, and the reverse KL at each position t
+    (mean over the prompts whose answer reaches t)."""
+    tok, V = models.tokenizer, models.vocab_size
+    device = next(models.student.parameters()).device
+    settings, bs = SamplingSettings(cfg.max_new_tokens), cfg.rollout_batch_size
+    out: dict[str, Any] = {"prompts": len(examples), "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy"}
+    T = cfg.max_new_tokens
+    sums = {k: torch.zeros(T, dtype=torch.float64) for k in ("reverse_kl", "forward_kl")}
+    counts = torch.zeros(T, dtype=torch.float64)
+    samples = []
+    for name, model in (("teacher", models.teacher), ("student", models.student)):
+        texts, lengths, ended = [], [], []
+        for start in tqdm(range(0, len(examples), bs), desc=f"held-out {name}", disable=not progress):
+            rows = examples[start:start + bs]
+            q, qm = encode_prompts(tok, rows, device)
+            r, rm, e = sample_responses(model, tok, q, qm, settings, precision.autocast_ctx(), greedy=True,
+                                        vocab_size=V)
+            texts += tok.batch_decode([ids[m].tolist() for ids, m in zip(r, rm)], skip_special_tokens=True)
+            lengths += rm.sum(-1).tolist()
+            ended += e.tolist()
+            if name == "student":
+                batch = RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=None,
+                                     ended=e)
+                labels = label_states(models, batch, 1.0, cfg.micro_batch_size, precision)
+                w = rm.double()
+                for k in sums:
+                    per_pos = torch.where(rm, getattr(labels, k), 0.0).double().sum(0)
+                    sums[k][:per_pos.shape[0]] += per_pos
+                counts[:w.shape[1]] += w.sum(0)
+        out[name] = {"pass_rate": pass_rate(examples, texts), "response_length": sum(lengths) / len(lengths),
+                     "eos_share": sum(ended) / len(ended)}
+        for i, t in enumerate(texts[:5]):
+            if name == "teacher":
+                samples.append({"prompt": examples[i]["prompt"][-1]["content"], "teacher": t})
+            else:
+                samples[i]["student"] = t
+    n = max(float(counts.sum()), 1.0)
+    out["reverse_kl_per_token"] = float(sums["reverse_kl"].sum()) / n
+    out["forward_kl_per_token"] = float(sums["forward_kl"].sum()) / n
+    reached = int((counts > 0).sum())
+    out["reverse_kl_by_position"] = (sums["reverse_kl"][:reached] / counts[:reached]).tolist()
+    out["prompts_by_position"] = [int(c) for c in counts[:reached].tolist()]
+    t_rate, s_rate = out["teacher"]["pass_rate"], out["student"]["pass_rate"]
+    if t_rate is not None and s_rate is not None and t_rate > 0:
+        out["pass_rate_ratio"] = s_rate / t_rate
+    out["samples"] = samples
+    return out
+
+
+def heldout_spec(cfg: DistillConfig) -> Optional[str]:
+    if cfg.heldout_prompts:
+        return cfg.heldout_prompts
+    return DEFAULT_HELDOUT if Path(DEFAULT_HELDOUT).exists() else None
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def run(recipe: Recipe, stage_dir: Path) -> dict:
+    from ..data import load_rows, prompt_examples
+
+    cfg: DistillConfig = recipe.distill
+    stage_dir = Path(stage_dir)
+    check_config(cfg, recipe.source or "<recipe>")
+    precision = resolve_precision(recipe.model)
+    prompts = prompt_examples(load_rows(cfg.prompts), cfg.prompts)
+    spec = heldout_spec(cfg)
+    heldout = prompt_examples(load_rows(spec), spec) if spec else None
+    models = build_models(recipe, cfg, precision)
+    history = train_distill(models, prompts, cfg, precision, stage_dir, seed=recipe.run.seed)
+    save_final(unwrap_for_generation(models.student), models.tokenizer, stage_dir / "final")
+    first, last, tail = history[0], history[-1], history[-5:]
+    summary: dict[str, Any] = {
+        "iterations": len(history), "teacher_from": recipe.resolve_model_ref(cfg.teacher_from),
+        "student_layers": unwrap_for_generation(models.student).config.get_text_config().num_hidden_layers,
+        "teacher_layers": models.teacher.config.get_text_config().num_hidden_layers,
+        "student_kept_layers": models.kept_layers,
+        "rollout_tokens": int(sum(h["distill/response_length"] * cfg.rollout_batch_size for h in history)),
+    }
+    for k in ("distill/loss", "distill/reverse_kl", "distill/forward_kl", "distill/pass_rate", "distill/tokens_per_s"):
+        if k in first and k in last:
+            summary[f"{k}_first"], summary[f"{k}_last"] = first[k], last[k]
+            vals = [h[k] for h in tail if k in h]
+            summary[f"{k}_last5_mean"] = sum(vals) / len(vals)
+    if heldout:
+        log(f"distill: held-out evaluation on {len(heldout)} prompts from {spec}")
+        result = heldout_eval(models, heldout, cfg, precision, progress=True)
+        result["prompts_file"] = spec
+        atomic_write_json(stage_dir / "heldout.json", result)
+        summary.update({
+            "heldout_teacher_pass_rate": result["teacher"]["pass_rate"],
+            "heldout_student_pass_rate": result["student"]["pass_rate"],
+            "heldout_pass_rate_ratio": result.get("pass_rate_ratio"),
+            "heldout_reverse_kl": result["reverse_kl_per_token"],
+            "heldout_forward_kl": result["forward_kl_per_token"],
+            "heldout_reverse_kl_by_position": result["reverse_kl_by_position"],
+        })
+    else:
+        log("distill: no held-out prompts (distill.heldout_prompts, or eval/constraints/heldout.jsonl); skipping "
+            "the held-out evaluation")
+    return summary
