@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from transformers import TrainerCallback
 
 from ..models import Precision
@@ -65,6 +67,18 @@ class NonFiniteCallback(TrainerCallback):
     def __init__(self, stage: str, limit: int = 3):
         self.stage, self.limit, self.bad = stage, limit, 0
         self.stopped_at: int | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        """A non-finite gradient never reaches the weights: its gradients are dropped before the step."""
+        if model is None:
+            return control
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            print(f"[pipeline] {self.stage}: non-finite gradient at step {state.global_step + 1}; update skipped",
+                  flush=True)
+            for p in model.parameters():
+                p.grad = None
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")

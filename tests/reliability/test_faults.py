@@ -57,3 +57,15 @@ def test_metrics_logger_writes_nan_visibly(tmp_path):
     m.log(1, {"ppo/loss": float("nan")})
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["ppo/loss"] == "nan", "NaN is written as 'nan', never as 0.0"
+
+
+def test_trainer_nonfinite_gradient_never_reaches_the_weights():
+    w = torch.nn.Parameter(torch.ones(2))
+    model = torch.nn.Module()
+    model.w = w
+    w.grad = torch.tensor([float("nan"), 1.0])
+    NonFiniteCallback("sft").on_pre_optimizer_step(None, TrainerState(), TrainerControl(), model=model)
+    assert w.grad is None, "gradients dropped, so the optimizer step leaves the weights alone"
+    w.grad = torch.tensor([0.5, 1.0])
+    NonFiniteCallback("sft").on_pre_optimizer_step(None, TrainerState(), TrainerControl(), model=model)
+    assert w.grad is not None
