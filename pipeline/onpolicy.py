@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .generation import left_pad
 from .rl import entropy_from_logits, logprobs_from_logits
 
 Tensor = torch.Tensor
@@ -170,16 +171,6 @@ def unwrap(model):
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), P), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, P - len(s):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def mask_after_eos(tokens: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
