@@ -52,7 +52,7 @@ def build_recipe(args, beta: float, name: str):
             "iterations": args.iterations, "rollout_batch_size": args.rollout_batch_size,
             "minibatch_size": args.minibatch_size, "micro_batch_size": args.minibatch_size,
             "epochs": args.epochs, "lr": args.lr, "max_new_tokens": args.max_new_tokens,
-            "checkpoint_every": 0,
+            "checkpoint_every": 10,  # an interrupted comparison resumes (run the same command again)
         },
     }, where=f"distill_compare ({name})")
 
@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", default="data/constraints/prompts.jsonl")
     p.add_argument("--heldout", default="eval/constraints/heldout.jsonl")
     p.add_argument("--out", default="runs/distill_compare")
-    p.add_argument("--keep-layers", default="every_2nd", help="every_2nd, every_3rd, first_K or a JSON list")
+    p.add_argument("--keep-layers", default="influence_15",
+                   help="every_2nd, every_3rd, first_K, influence_K or a JSON list")
     p.add_argument("--divergence", default="reverse_kl", choices=["reverse_kl", "forward_kl", "jsd"])
     p.add_argument("--estimator", default="full", choices=["full", "sampled"])
     p.add_argument("--iterations", type=int, default=40)
