@@ -46,6 +46,66 @@ TRAIN_TOPICS = [
     "wind power", "coral reefs", "spiders", "jazz music", "kites", "maps", "the alphabet", "windmills",
     "sunflowers", "old castles", "robots", "fire safety", "hiking boots", "street markets", "whales",
     "soap bubbles", "paper airplanes", "the post office", "tomatoes", "swimming",
+    'kangaroos',
+    'lemons',
+    'umbrella stands',
+    'skateboards',
+    'the desert fox',
+    'rainbows',
+    'ice skating',
+    'candles',
+    'the metro',
+    'sea turtles',
+    'backpacks',
+    'the harvest moon',
+    'apple orchards',
+    'board games',
+    'the Great Wall',
+    'radio',
+    'sailing boats',
+    'puzzles',
+    'volunteering',
+    'a school library',
+    'pianos in parks',
+    'knitting',
+    'mushrooms',
+    'bees in winter',
+    'the Arctic',
+    'hummingbirds',
+    'pancakes',
+    'fountain pens',
+    'early mornings',
+    'city parks',
+    'lanterns',
+    'the night sky',
+    'frogs',
+    'rock climbing',
+    'picnics',
+    'electric cars',
+    'the rain',
+    'sandcastles',
+    'quilts',
+    'foxes',
+    'seashells',
+    "a farmers' market",
+    'the wind',
+    'astronauts',
+    'tulips',
+    'guitars',
+    'a small bakery',
+    'caves',
+    'hedgehogs',
+    'maple syrup',
+    'bird migration',
+    'trains at night',
+    'a treehouse',
+    'sunsets',
+    'honey',
+    'the zoo',
+    'comets',
+    'clocks',
+    'mountain lakes',
+    'letters by post',
 ]
 HELDOUT_TOPICS = [
     "a mechanical wristwatch", "glaciers", "the violin", "origami", "submarines", "a rooftop garden",
@@ -57,6 +117,21 @@ TRAIN_TASKS = [
     "Write a short poem about {t}.", "Describe {t}.", "Explain {t} to a child.", "Write a short story about {t}.",
     "Give some tips about {t}.", "Write a paragraph about {t}.", "Tell me a few facts about {t}.",
     "Write a short blog post about {t}.", "Why do people like {t}?", "Write a short note to a friend about {t}.",
+    'Write a haiku-like short poem about {t}.',
+    'Give a brief overview of {t}.',
+    'Write an encyclopedia-style entry on {t}.',
+    'Write a short advertisement for {t}.',
+    'Share your thoughts on {t}.',
+    'Write a short speech about {t}.',
+    'Describe a day spent with {t}.',
+    'Write a short letter about {t}.',
+    'What is interesting about {t}?',
+    'Write a few sentences for a travel guide about {t}.',
+    'Create a short lesson plan about {t}.',
+    'List some things you know about {t}.',
+    'Write a short news report about {t}.',
+    'Explain why {t} matters.',
+    'Write a riddle-style description of {t}.',
 ]
 HELDOUT_TASKS = [
     "Compose a product review of {t}.", "Draft a museum placard describing {t}.",
@@ -72,6 +147,20 @@ PHRASINGS = {
         "Please answer in all lowercase letters.", "Do not use any uppercase letters.",
         "Your answer must be entirely lowercase.", "Respond using lowercase letters only.",
         "Keep every letter of your response in lowercase.", "No capital letters are allowed in your answer.",
+        'Lowercase only, please.',
+        "Don't capitalize anything, not even names or the start of a sentence.",
+        'Avoid uppercase characters completely.',
+        'Pretend your keyboard has no capital letters.',
+        'write your whole reply in lowercase like this sentence.',
+        'Format rule: all lower case.',
+        'The reply may not contain a single capital letter.',
+        'Make all of the letters lowercase.',
+        'I only want to see lowercase letters in the answer.',
+        'Sentence starts must not be capitalised either; use lowercase throughout.',
+        'Write like a casual text message with zero capitals.',
+        'Stick to lowercase from the first word to the last.',
+        'Uppercase letters are forbidden in this reply.',
+        'Everything you output should be lower-cased.',
     ], [
         "Every single character you write has to be a small letter.",
         "Make sure nothing in the reply is capitalized, not even the first word.",
@@ -82,6 +171,20 @@ PHRASINGS = {
         "Respond using only uppercase letters.", "Use capital letters for the whole response.",
         "Your answer must be entirely in uppercase.", "Please write everything in CAPITAL LETTERS.",
         "Every letter of your reply should be uppercase.", "Answer in all capital letters only.",
+        'Use ALL CAPS.',
+        'Write the whole reply in block capitals.',
+        'Every letter in the answer must be a capital.',
+        'Make your answer uppercase from start to finish.',
+        'I want it all in uppercase, like a newspaper headline.',
+        'Lowercase letters are not allowed in this reply.',
+        'Capitalize every letter of every word.',
+        'Format rule: all uppercase.',
+        'Type the complete response in capitals only.',
+        'The reply must not contain any lowercase letter.',
+        'Respond entirely in upper-case letters.',
+        'Put the whole text in capital letters, with nothing in lowercase.',
+        'CAPITAL LETTERS ONLY, PLEASE.',
+        'Convert every word of your reply to uppercase.',
     ], [
         "Shout the whole thing: every letter must be upper case.",
         "Format the reply so that no lowercase letter appears anywhere.",
@@ -91,6 +194,18 @@ PHRASINGS = {
         "Do not use any commas in your response.", "Avoid commas entirely.", "Your answer must not contain commas.",
         "Write without using a single comma.", "Please refrain from using commas.", "No commas are allowed.",
         "Make sure your response has no commas.", "Do not include the comma character anywhere.",
+        'Commas are forbidden.',
+        'Leave out every comma.',
+        'Write in a style that never uses a comma.',
+        'Use periods instead of commas.',
+        'Not one comma should appear in the text.',
+        'Format rule: zero commas.',
+        'Your sentences must be written with no commas at all.',
+        'Please skip commas completely.',
+        'Split ideas into short sentences instead of using commas.',
+        'The reply is only valid if it has no comma in it.',
+        'Rewrite any list so that it needs no commas.',
+        'Drop all commas from your writing.',
     ], [
         "The punctuation mark ',' is banned from your answer.",
         "Keep the text free of that little mark that separates list items.",
@@ -101,6 +216,16 @@ PHRASINGS = {
         "Use {relation} {num_words} words.", "The response must be {relation} {num_words} words long.",
         "Write {relation} {num_words} words in total.", "Keep your answer to {relation} {num_words} words.",
         "Make the reply {relation} {num_words} words.", "Your answer needs {relation} {num_words} words.",
+        'Stay {relation} {num_words} words.',
+        'Length: {relation} {num_words} words.',
+        'Please write {relation} {num_words} words.',
+        'Aim for {relation} {num_words} words.',
+        'Keep the reply {relation} {num_words} words in length.',
+        'The total number of words must be {relation} {num_words}.',
+        'Your text should have {relation} {num_words} words.',
+        'Count your words: {relation} {num_words}.',
+        'Limit or extend the answer so it has {relation} {num_words} words.',
+        'Write a reply of {relation} {num_words} words.',
     ], [
         "The word count of the reply should be {relation} {num_words}.",
         "Length requirement: {relation} {num_words} words overall.",
@@ -112,6 +237,16 @@ PHRASINGS = {
         "Conclude with exactly: {end_phrase}", "The last words of your response should be: {end_phrase}",
         "Close your answer with \"{end_phrase}\".", "Make sure the final phrase is \"{end_phrase}\".",
         "End with the sentence \"{end_phrase}\" and add nothing after it.",
+        'Your final sentence must be exactly "{end_phrase}"',
+        'Let the reply end with "{end_phrase}"',
+        'Put "{end_phrase}" at the very end.',
+        'Last line: {end_phrase}',
+        'After your answer, end with "{end_phrase}" and stop there.',
+        'The text must finish with the words: {end_phrase}',
+        'Close with the line "{end_phrase}" and write nothing more.',
+        'Complete your reply with "{end_phrase}" as the final words.',
+        'Make "{end_phrase}" the ending of your answer.',
+        'Stop writing right after "{end_phrase}".',
     ], [
         "Sign off with \"{end_phrase}\" as the very last thing you write.",
         "Nothing may follow the closing line \"{end_phrase}\".",
@@ -122,6 +257,16 @@ PHRASINGS = {
         "Your answer must mention {kw}.", "Use the following words somewhere in your reply: {kw}.",
         "Be sure to include {kw}.", "The response should contain the words {kw}.",
         "Work the words {kw} into your answer.", "Please include these keywords: {kw}.",
+        'Mention {kw} at least once.',
+        'Use {kw} in your answer.',
+        'Your text has to include {kw}.',
+        "Don't forget to use the words {kw}.",
+        'Somewhere, use {kw}.',
+        'Required words: {kw}.',
+        'Make sure {kw} both appear.',
+        'The answer should use the terms {kw}.',
+        'Include {kw} somewhere in the text.',
+        'Try to fit {kw} into your writing.',
     ], [
         "Somewhere in the text the terms {kw} have to show up.",
         "A reader should be able to find {kw} in what you write.",
@@ -135,6 +280,16 @@ PHRASINGS = {
         "Answer in exactly {num_bullets} bullets using \"* \".", "Write exactly {num_bullets} bullet points.",
         "Your reply should be a list of exactly {num_bullets} markdown bullets.",
         "Respond with {num_bullets} bullet points, no more and no fewer.",
+        'Give your answer as {num_bullets} bullet points.',
+        'Use a markdown list with exactly {num_bullets} items ("* ").',
+        'Structure the reply as {num_bullets} points, each on its own line starting with "* ".',
+        'Exactly {num_bullets} bullets, please.',
+        'Write {num_bullets} list items using asterisks.',
+        'Format: a bulleted list of {num_bullets} items.',
+        'Make a list with {num_bullets} bullet points and nothing else.',
+        'Present {num_bullets} points as a markdown bullet list.',
+        'I want {num_bullets} bullet points, not more, not less.',
+        'Reply with a {num_bullets}-item bullet list.',
     ], [
         "Lay the reply out as a list of {num_bullets} lines that each begin with '* '.",
         "I need precisely {num_bullets} starred list items and nothing else formatted as a list.",
@@ -145,6 +300,16 @@ PHRASINGS = {
         "Enclose the entire response in double quotation marks.", "Your reply must start and end with a double quote.",
         "Surround your full answer with \" marks.", "Place the entire answer between double quotes.",
         "Quote your whole response using double quotation marks.", "Your whole answer should be in double quotes.",
+        'Put quotation marks around your entire reply.',
+        'The full answer should be enclosed in "double quotes".',
+        'Begin and end the response with a double quotation mark.',
+        'Wrap everything in double quotes.',
+        'Format your reply as a single quoted passage in double quotes.',
+        'Start your answer with " and end it with ".',
+        'Make the whole response a quotation, inside double quotes.',
+        'Surround the entire text with double quotation marks.',
+        'Your reply should be one quoted block, in double quotes.',
+        'Use double quotes around the whole answer.',
     ], [
         "The very first and very last characters of the reply have to be the \" symbol.",
         "Present everything you write as one big quotation with double quote marks around it.",
@@ -298,7 +463,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "data" / "constraints"))
     ap.add_argument("--heldout-out", default=str(ROOT / "eval" / "constraints"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-sft", type=int, default=480)
+    ap.add_argument("--n-sft", type=int, default=560)
     ap.add_argument("--n-prefs", type=int, default=320)
     ap.add_argument("--n-prompts", type=int, default=300)
     ap.add_argument("--n-heldout", type=int, default=100)
@@ -312,21 +477,24 @@ def main() -> None:
     # 1. Prompts for every split, drawn without repeating a prompt text.
     seen: set[str] = set()
 
-    def draw(n: int, heldout: bool) -> list[dict]:
+    def draw(n: int, heldout: bool, gen: random.Random) -> list[dict]:
         counts = {i: 0 for i in IDS}
         rows = []
         while len(rows) < n:
-            r = make_prompt(rng, heldout, counts)
+            r = make_prompt(gen, heldout, counts)
             if r["prompt"] not in seen:
                 seen.add(r["prompt"])
                 rows.append(r)
         return rows
 
-    sft_p, pref_p, rl_p, held_p = (draw(args.n_sft, False), draw(args.n_prefs, False),
-                                   draw(args.n_prompts, False), draw(args.n_heldout, True))
+    # The held-out prompts come from their own generator, so growing the training pools never
+    # changes the held-out set.
+    held_p = draw(args.n_heldout, True, random.Random(f"heldout-{args.seed}"))
+    sft_p, pref_p, rl_p = (draw(args.n_sft, False, rng), draw(args.n_prefs, False, rng),
+                           draw(args.n_prompts, False, rng))
 
     # 2. SFT: the model's plain answer to the bare task, made to satisfy the instructions.
-    tasks = sorted({r["task"] for r in sft_p + pref_p})
+    tasks = sorted({r["task"] for r in sft_p})
     plain = dict(zip(tasks, sample(tasks, False, 100, "plain answers"))) if not args.skip_model else {}
     sft_rows = []
     for r in sft_p:
