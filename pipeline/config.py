@@ -107,6 +107,9 @@ class RewardConfig:
     logging_steps: int = 5
     # Prompts whose policy samples give the normalisation statistics saved with the model.
     norm_prompts: Optional[str] = None
+    # The policy sampled for those statistics. Default: the PPO stage's starting policy
+    # (`ppo.policy_from`) when the recipe has PPO and that model exists by then, else `init_from`.
+    norm_policy: Optional[str] = None
     norm_samples: int = 64
     max_new_tokens: int = 96
     checkpoint_every: int = 50  # optimizer steps between resumable Trainer checkpoints

@@ -10,8 +10,9 @@ real token, the EOS itself: the pad token is distinct from EOS and the model poo
 Ranked lists expand into pairs; **ties are skipped by default** (`keep_ties: true` keeps them).
 The held-out split is made by prompt, so no prompt is in both splits.
 
-After training, the mean and std of the scores of policy samples (the init model sampling the RL
-prompts) are saved as `final/reward_norm.json`; PPO normalises scores with them.
+After training, the mean and std of the scores of policy samples (the policy PPO starts from, else
+the init model, sampling the RL prompts) are saved as `final/reward_norm.json`; PPO normalises scores
+with them.
 """
 
 from __future__ import annotations
@@ -79,8 +80,20 @@ def pairwise_metrics(scorer: RewardModelScorer, pairs: list[dict], bins: int = 1
     }
 
 
+def norm_policy_ref(recipe: Recipe, cfg: RewardConfig, init: str) -> str:
+    """The policy whose samples calibrate the scores: the one PPO will start from, when known."""
+    if cfg.norm_policy:
+        return recipe.resolve_model_ref(cfg.norm_policy)
+    if recipe.ppo is not None and "ppo" in recipe.stages:
+        ref = recipe.resolve_model_ref(recipe.ppo.policy_from)
+        if ref == recipe.model.name_or_path or Path(ref).exists():
+            return ref
+        log(f"reward: normalisation samples from {init} ({ref} does not exist yet)")
+    return init
+
+
 def normalisation_stats(recipe: Recipe, cfg: RewardConfig, scorer: RewardModelScorer, init: str, precision) -> dict:
-    """Mean/std of the RM's scores on samples of the policy it was initialised from."""
+    """Mean/std of the RM's scores on samples of `init` (see norm_policy_ref)."""
     from ..generation import generate
     from ..models import load_policy
 
@@ -186,7 +199,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         log(f"reward: held-out accuracy {summary['rm/accuracy_before']:.3f} -> {after['rm/accuracy']:.3f}, "
             f"margin {after['rm/margin']:.3f}")
     metrics.close()
-    stats = normalisation_stats(recipe, cfg, scorer, init, precision)
+    stats = normalisation_stats(recipe, cfg, scorer, norm_policy_ref(recipe, cfg, init), precision)
     summary["norm"] = stats
     if trainer.accelerator.is_main_process:
         out = save_final(trained, tok, stage_dir / "final")

@@ -36,3 +36,26 @@ def test_reward_stage_learns_toy_preferences(tmp_path, tiny_model_dir):
     assert model.config.num_labels == 1 and model.config.pad_token_id != model.config.eos_token_id
     metrics = [json.loads(x) for x in (tmp_path / "out" / "reward" / "metrics.jsonl").read_text().splitlines()]
     assert any("rm/accuracy" in m for m in metrics) and any("rm/loss" in m for m in metrics)
+
+
+def test_norm_samples_come_from_the_ppo_start_policy(tmp_path):
+    """Normalisation statistics describe the policy PPO starts from (its SFT model), not the RM's init."""
+    from pipeline.stages.reward import norm_policy_ref
+
+    def recipe(stages, **reward):
+        return parse_recipe({
+            "run": {"name": "t", "output_dir": str(tmp_path), "seed": 0},
+            "model": {"name_or_path": "base-model"},
+            "stages": stages,
+            "sft": {"data": "x.jsonl"}, "reward": {"data": "p.jsonl", "init_from": "base", **reward},
+            "ppo": {"prompts": "q.jsonl", "policy_from": "sft"},
+        })
+
+    r = recipe(["sft", "reward", "ppo"])
+    assert norm_policy_ref(r, r.reward, "base-model") == "base-model"  # sft/final not written yet
+    (tmp_path / "sft" / "final").mkdir(parents=True)
+    assert norm_policy_ref(r, r.reward, "base-model") == str(tmp_path / "sft" / "final")
+    r = recipe(["sft", "reward"])  # no PPO in this run: the RM's own init
+    assert norm_policy_ref(r, r.reward, "base-model") == "base-model"
+    r = recipe(["sft", "reward"], norm_policy="sft")
+    assert norm_policy_ref(r, r.reward, "base-model") == str(tmp_path / "sft" / "final")
