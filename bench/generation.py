@@ -1,0 +1,172 @@
+"""Rollout generation, ours vs plain `model.generate`: response tokens per second, side by side.
+
+    python bench/generation.py                         # batch 8 and 16, max_new_tokens 64, 3 repeats
+    python bench/generation.py --batches 16 --max-new-tokens 64 128 --repeats 5
+    python bench/generation.py --policy runs/quickstart/sft/final --json bench/results/generation.json
+
+Ours = `onpolicy.encode_prompts` + `onpolicy.sample_responses`, exactly what a PPO iteration runs.
+Plain = what a user of transformers writes: the chat template rendered to text, then
+`tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")` and
+`model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=N)`.
+Same model object, prompts, batch, token limit, sampling distribution (temperature 1.0, no top-k /
+top-p: `top_k=0` because transformers' own default is top-k 50), KV cache, and bf16 autocast when
+`resolve_precision` turns it on for this CPU. Tokens counted for both = response tokens through the
+first EOS (the PPO response mask). Each configuration is warmed up once per side, then the two
+sides alternate for `--repeats` rounds so machine load hits both alike; the median is reported.
+Tokens per second are given per wall second and per process CPU second (all threads,
+`time.process_time`): on a machine shared with other jobs the CPU figure still measures the work each
+side does, the wall figure mostly measures the other jobs. Throughput figures are what this machine gave
+while the script ran; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import ModelConfig  # noqa: E402
+from pipeline.models import load_policy, resolve_precision  # noqa: E402
+from pipeline.onpolicy import SamplingSettings, encode_prompts, mask_after_eos, sample_responses  # noqa: E402
+
+# Used when data/constraints/prompts.jsonl is absent (a fresh clone without the data build).
+FALLBACK_PROMPTS = [
+    "Explain photosynthesis to a ten-year-old in three sentences.",
+    "Write a haiku about the first snow of winter.",
+    "List five tips for staying focused while studying.",
+    "Describe how a bicycle gear system works.",
+    "Give me a short recipe for a tomato salad.",
+    "What are the main differences between a lake and a pond?",
+    "Write a two-sentence horror story set in a library.",
+    "Summarise the water cycle in plain words.",
+    "Suggest three names for a friendly robot and explain each.",
+    "How do vaccines train the immune system? Keep it brief.",
+    "Write a polite email declining a meeting invitation.",
+    "Explain what a prime number is, with two examples.",
+    "Describe the smell of rain to someone who has never experienced it.",
+    "Give three reasons why people keep houseplants.",
+    "Write a limerick about a cat who loves boxes.",
+    "What should I pack for a one-day hike? Answer as a list.",
+    "Explain the rules of tic-tac-toe.",
+    "Write a short motivational message for a runner before a race.",
+    "Why is the sky blue? Answer in one paragraph.",
+    "Describe a sunrise over the sea in four sentences.",
+    "Give two arguments for and two against homework.",
+    "Explain how to make a paper airplane step by step.",
+    "Write a thank-you note to a teacher.",
+    "What is the difference between weather and climate?",
+    "Invent a new holiday and describe how people celebrate it.",
+    "Explain recursion to a beginner programmer.",
+    "List four animals that live in the desert and one fact about each.",
+    "Write a short dialogue between a bee and a flower.",
+    "How does a refrigerator keep food cold?",
+    "Give advice to someone starting their first job.",
+    "Describe your ideal weekend in exactly three sentences.",
+    "Explain why the moon has phases.",
+]
+
+
+def load_prompts(path: str) -> list:
+    """Prompt examples (dicts with chat messages) from the data file, else the fixed list above."""
+    if Path(path).exists():
+        from pipeline.data import load_rows, prompt_examples
+
+        return prompt_examples(load_rows(path), path)
+    return [{"prompt": [{"role": "user", "content": p}]} for p in FALLBACK_PROMPTS]
+
+
+def messages(ex) -> list[dict]:
+    p = ex["prompt"] if isinstance(ex, dict) else ex
+    return [{"role": "user", "content": p}] if isinstance(p, str) else p
+
+
+def run_ours(model, tok, rows: list, max_new_tokens: int, precision) -> tuple[float, float, int]:
+    t, c = time.perf_counter(), time.process_time()
+    q, qm = encode_prompts(tok, rows, precision.device)
+    _, mask, _ = sample_responses(model, tok, q, qm, SamplingSettings(max_new_tokens, temperature=1.0),
+                                  precision.autocast_ctx())
+    return time.perf_counter() - t, time.process_time() - c, int(mask.sum())
+
+
+@torch.no_grad()
+def run_plain(model, tok, rows: list, max_new_tokens: int, precision) -> tuple[float, float, int]:
+    t, c = time.perf_counter(), time.process_time()
+    texts = [tok.apply_chat_template(messages(ex), tokenize=False, add_generation_prompt=True) for ex in rows]
+    inputs = tok(texts, padding=True, padding_side="left", return_tensors="pt").to(precision.device)
+    with precision.autocast_ctx():
+        out = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id)
+    mask, _ = mask_after_eos(out[:, inputs["input_ids"].shape[1]:], tok.eos_token_id)
+    return time.perf_counter() - t, time.process_time() - c, int(mask.sum())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", default="smollm2-135m-instruct")
+    ap.add_argument("--prompts", default="data/constraints/prompts.jsonl")
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--max-new-tokens", type=int, nargs="+", default=[64])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cpu-autocast", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="torch threads (default torch's); 1 makes the CPU seconds a "
+                    "steadier measure of work on a busy machine (no threads spinning while another waits)")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    precision = resolve_precision(ModelConfig(name_or_path=args.policy, cpu_autocast=args.cpu_autocast))
+    model, tok = load_policy(args.policy, ModelConfig(name_or_path=args.policy), precision)
+    model.eval()
+    prompts = load_prompts(args.prompts)
+    print(f"device {precision.device}, bf16 autocast {precision.autocast}, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f} (1 min), {len(prompts)} prompts")
+    rows_out = []
+    for max_new in args.max_new_tokens:
+        for batch in args.batches:
+            # Both sides get the same prompts on each repeat; successive repeats take the next slice.
+            slices = [[prompts[(r * batch + i) % len(prompts)] for i in range(batch)] for r in range(args.repeats + 1)]
+            run_ours(model, tok, slices[0], max_new, precision)  # warm-up
+            run_plain(model, tok, slices[0], max_new, precision)
+            ours, plain = [], []
+            for r, rows in enumerate(slices[1:]):
+                # The same seed for both sides: equal inputs then sample equal tokens, so both do the same work.
+                torch.manual_seed(args.seed * 100003 + r)
+                ours.append(run_ours(model, tok, rows, max_new, precision))
+                torch.manual_seed(args.seed * 100003 + r)
+                plain.append(run_plain(model, tok, rows, max_new, precision))
+            row = {"batch": batch, "max_new_tokens": max_new}
+            for name, runs in (("ours", ours), ("plain", plain)):
+                row[f"{name}_tokens_per_s"] = statistics.median(n / s for s, _, n in runs)
+                row[f"{name}_tokens_per_cpu_s"] = statistics.median(n / c for _, c, n in runs)
+                row[f"{name}_runs"] = [{"seconds": s, "cpu_seconds": c, "tokens": n} for s, c, n in runs]
+            row["ratio"] = row["ours_tokens_per_s"] / row["plain_tokens_per_s"]
+            row["cpu_ratio"] = row["ours_tokens_per_cpu_s"] / row["plain_tokens_per_cpu_s"]
+            rows_out.append(row)
+            print(f"  batch {batch:>3} max_new_tokens {max_new:>4}: "
+                  f"ours {[f'{n} in {s:.2f}s ({c:.2f} CPU s)' for s, c, n in ours]}, "
+                  f"plain {[f'{n} in {s:.2f}s ({c:.2f} CPU s)' for s, c, n in plain]}", flush=True)
+
+    print(f"\n{'batch':>6}{'max_new':>9}{'ours tok/s':>12}{'plain tok/s':>13}{'ours/plain':>12}"
+          f"{'ours tok/CPU s':>16}{'plain tok/CPU s':>17}{'ours/plain':>12}")
+    for r in rows_out:
+        print(f"{r['batch']:>6}{r['max_new_tokens']:>9}{r['ours_tokens_per_s']:>12.1f}"
+              f"{r['plain_tokens_per_s']:>13.1f}{r['ratio']:>12.2f}{r['ours_tokens_per_cpu_s']:>16.1f}"
+              f"{r['plain_tokens_per_cpu_s']:>17.1f}{r['cpu_ratio']:>12.2f}")
+    print(f"(median of {args.repeats}; load average {os.getloadavg()[0]:.2f} at the end)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"autocast_bf16": precision.autocast, "rows": rows_out}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
