@@ -172,7 +172,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         center_rewards_coefficient=cfg.center_coef or None,
         remove_unused_columns=False,
         logging_nan_inf_filter=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         disable_dropout=True,
         **trainer_precision_args(precision, lora=cfg.lora is not None),
     )

@@ -98,10 +98,11 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         data_seed=recipe.run.seed,
         completion_only_loss=cfg.completion_only_loss,
         max_length=cfg.max_seq_len,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         dataset_num_proc=None,
         remove_unused_columns=False,
         logging_nan_inf_filter=False,
-        gradient_checkpointing=False,  # small models: recomputing activations costs more than it saves
+        activation_checkpointing=False,  # small models: recomputing activations costs more than it saves
         **trainer_precision_args(precision, lora=cfg.lora is not None),
     )
     metrics = MetricsLogger(stage_dir, tensorboard=False)  # the Trainer writes TensorBoard itself
