@@ -111,3 +111,14 @@ def test_recipes_command_lists_shipped(capsys):
     out = capsys.readouterr().out
     for p in SHIPPED:
         assert p.name in out
+
+
+def test_cli_overrides_may_follow_options():
+    from pipeline.cli import parse
+
+    args = parse(["run", "r.yaml", "sft.lr=1e-4", "--stages", "sft", "run.seed=3", "--force"])
+    assert args.overrides == ["sft.lr=1e-4", "run.seed=3"] and args.stages == "sft" and args.force
+    with pytest.raises(SystemExit):
+        parse(["run", "r.yaml", "--stages", "sft", "--bogus"])
+    with pytest.raises(SystemExit):
+        parse(["recipes", "sft.lr=1"])  # no overrides for this command
