@@ -125,8 +125,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
 
 
+def rank_rng_states(accelerator=None) -> dict[str, torch.Tensor]:
+    """Every process's torch RNG states (CPU, and CUDA when in use), keyed by rank: the sampling streams
+    differ per process, so resume restores each one. A collective under several processes: call on all."""
+    local = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        local["cuda_rng"] = torch.cuda.get_rng_state()
+    if accelerator is None or accelerator.num_processes == 1:
+        per_rank = [local]
+    else:
+        from accelerate.utils import gather_object
+
+        per_rank = gather_object([local])
+    return {f"{k}_rank{r}": v.cpu() for r, states in enumerate(per_rank) for k, v in states.items()}
+
+
 def save_checkpoint(ckpt_root: Path, iteration: int, models: dict[str, Any], optimizer, meta: dict,
-                    generators: dict[str, torch.Generator], keep: int = 2) -> Path:
+                    generators: dict[str, torch.Generator], keep: int = 2,
+                    rank_rngs: Optional[dict[str, torch.Tensor]] = None) -> Path:
+    """`rank_rngs`: `rank_rng_states()` of all processes (this process's RNG alone when omitted)."""
     from safetensors.torch import save_file
 
     _check_disk(ckpt_root, models)
@@ -136,7 +153,8 @@ def save_checkpoint(ckpt_root: Path, iteration: int, models: dict[str, Any], opt
             if model is not None:
                 save_file(trainable_state(model), str(tmp / f"{name}.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        tensors = {"torch_rng": torch.get_rng_state(), **{f"gen_{k}": g.get_state() for k, g in generators.items()}}
+        tensors = {"torch_rng": torch.get_rng_state(), **(rank_rngs or {}),
+                   **{f"gen_{k}": g.get_state() for k, g in generators.items()}}
         save_file(tensors, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "rng": rng_state(), **meta}, indent=1))
     # Keep the newest `keep` checkpoints.
@@ -153,7 +171,9 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, models: dict[str, Any], optimizer, generators: dict[str, torch.Generator]) -> dict:
+def load_checkpoint(path: Path, models: dict[str, Any], optimizer, generators: dict[str, torch.Generator],
+                    rank: int = 0) -> dict:
+    """Restore weights, optimizer and RNGs; `rank` picks this process's saved RNG states when present."""
     from safetensors.torch import load_file
 
     for name, model in models.items():
@@ -161,7 +181,9 @@ def load_checkpoint(path: Path, models: dict[str, Any], optimizer, generators: d
             load_trainable_state(model, load_file(str(path / f"{name}.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     tensors = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(tensors["torch_rng"])
+    torch.set_rng_state(tensors.get(f"torch_rng_rank{rank}", tensors["torch_rng"]))
+    if f"cuda_rng_rank{rank}" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"cuda_rng_rank{rank}"])
     for k, g in generators.items():
         g.set_state(tensors[f"gen_{k}"])
     state = json.loads((path / "state.json").read_text())

@@ -168,6 +168,12 @@ class PPOConfig:
     log_samples_every: int = 5
     checkpoint_every: int = 10
     max_nonfinite_steps: int = 3
+    # Rows per generate call (null: a process's whole batch at once). When set, each call samples under
+    # a seed from (run seed, iteration, its first row in the global batch), so the rollouts do not depend
+    # on the number of processes when each process's share of the rows is a multiple of it.
+    generation_batch_size: Optional[int] = None
+    # hf: transformers generate; vllm: vLLM (optional extra, CUDA only); auto: vllm when importable on CUDA.
+    rollout_engine: Literal["auto", "hf", "vllm"] = "hf"
 
 
 @dataclass
@@ -211,6 +217,8 @@ class DistillConfig:
     log_samples_every: int = 10
     checkpoint_every: int = 10
     max_nonfinite_steps: int = 3
+    generation_batch_size: Optional[int] = None  # as ppo.generation_batch_size
+    rollout_engine: Literal["auto", "hf", "vllm"] = "hf"  # as ppo.rollout_engine
 
 
 @dataclass

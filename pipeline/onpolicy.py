@@ -17,6 +17,7 @@ Tensors: query (B, P) left-padded; response (B, T) right-padded after the first 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import random
 import time
@@ -226,6 +227,73 @@ class _MaskPaddedVocab:
             scores = scores.clone()
             scores[:, self.vocab_size:] = -float("inf")
         return scores
+
+
+def hf_sample(model, tokenizer, query_ids: Tensor, query_mask: Tensor, settings: SamplingSettings,
+              autocast=None, vocab_size: Optional[int] = None,
+              seed: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The `hf` rollout engine: `sample_responses` (transformers `generate`), under `seed` when given."""
+    with seeded_rng(seed, query_ids.device):
+        return sample_responses(model, tokenizer, query_ids, query_mask, settings, autocast, vocab_size=vocab_size)
+
+
+def chunk_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, iteration, first row in the global batch, ...)."""
+    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: Optional[int], device):
+    """Inside: torch's RNG (CPU, and the CUDA device in use) seeded with `seed`; the global streams are
+    restored on exit. `seed=None`: the global streams, untouched."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class Generation:
+    """How one process samples its rows of the global rollout batch.
+
+    `engine(model, tokenizer, query_ids, query_mask, settings, autocast, vocab_size, seed)` returns
+    (response_ids, response_mask, ended): `hf_sample`, or `rollout_vllm.VLLMEngine`. `chunk_size` rows
+    per engine call (None: all at once). With `seed` (this iteration's), each chunk samples under
+    `chunk_seed(seed, first row of the chunk in the global batch)`, so a row's sample does not depend on
+    how the global batch is split over processes, as long as each process's share is a whole number of
+    chunks. Without it, sampling draws from the global RNG stream (per process).
+    """
+
+    engine: Callable = hf_sample
+    chunk_size: Optional[int] = None
+    seed: Optional[int] = None
+    first_row: int = 0  # this process's first row in the global batch
+
+    def chunks(self, n_rows: int) -> list[tuple[int, int, Optional[int]]]:
+        """(start, end, seed or None) of each engine call over this process's `n_rows` rows."""
+        size = self.chunk_size or max(n_rows, 1)
+        return [(s, min(s + size, n_rows), None if self.seed is None else chunk_seed(self.seed, self.first_row + s))
+                for s in range(0, n_rows, size)]
+
+
+def sample_rows(model, tokenizer, rows: list, settings: SamplingSettings, device, generation: Generation,
+                seed: Optional[int] = None, autocast=None, vocab_size: Optional[int] = None) -> RolloutBatch:
+    """Encode prompt examples and sample one response each with the generation engine. -> RolloutBatch
+    without log-probs (the training forward recomputes them)."""
+    q, qm = encode_prompts(tokenizer, rows, device)
+    r, rm, ended = generation.engine(model, tokenizer, q, qm, settings, autocast, vocab_size, seed)
+    return RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=None, ended=ended,
+                        prompts=list(rows))
+
+
+def shard(rows: list, rank: int, world: int) -> list:
+    """This process's contiguous block of the global batch (len(rows) divisible by world)."""
+    n = len(rows) // world
+    return rows[rank * n:(rank + 1) * n]
 
 
 def unwrap_for_generation(model):
@@ -448,6 +516,47 @@ def optimise(batch: RolloutBatch, loss_fn: LossFn, optimizer, params: list, sett
     return out
 
 
+def process_split(accelerator, section: str, **global_sizes: int) -> tuple[int, int]:
+    """(world, rank), after checking that each global batch size splits evenly over the processes."""
+    from .config import RecipeError
+
+    kind = str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise RecipeError(
+            f"`{section}` runs data-parallel (DDP) only, but this process was launched with {kind} (the "
+            "accelerate config). Run the Trainer stages (sft, reward) with that config and this stage with "
+            "recipes/accelerate/multi_gpu_ddp.yaml or single_gpu.yaml, e.g. `accelerate launch --config_file "
+            f"recipes/accelerate/multi_gpu_ddp.yaml -m pipeline run RECIPE --stages {section}`.")
+    if accelerator is None or accelerator.num_processes == 1:
+        return 1, 0
+    world = accelerator.num_processes
+    for key, n in global_sizes.items():
+        if n % world:
+            raise RecipeError(f"`{section}.{key}` = {n} is a global batch size: it must be divisible by the "
+                              f"number of processes ({world}).")
+    return world, accelerator.process_index
+
+
+def accelerate_precision(model_cfg):
+    """The Accelerator (one process, or several under `accelerate launch`) and the precision on its
+    device, for the recipe's `model` section."""
+    from accelerate import Accelerator
+
+    from .models import resolve_precision
+
+    precision = resolve_precision(model_cfg)
+    accelerator = Accelerator(cpu=precision.device.type == "cpu")
+    precision.device = accelerator.device
+    return precision, accelerator
+
+
+def check_generation_batch_size(n: Optional[int], key: str) -> None:
+    from .config import RecipeError
+
+    if n is not None and n < 1:
+        raise RecipeError(f"`{key}` is a number of rows per generate call (>= 1) or null, got {n}.")
+
+
 def _global_sum(x: float, accelerator) -> float:
     if accelerator is None or accelerator.num_processes == 1:
         return x
@@ -466,6 +575,18 @@ def _no_sync(accelerator, models: tuple, enabled: bool):
         yield
 
 
+def mean_across_processes(stats: dict, accelerator) -> dict:
+    """Each logged number averaged over the processes that logged it (each holds an equal share of the
+    batch; a key can be missing on some, e.g. a stat over teacher rows when a process sampled none)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return stats
+    from accelerate.utils import gather_object
+
+    per_rank = gather_object([{k: float(v) for k, v in stats.items()}])
+    keys = sorted({k for d in per_rank for k in d})
+    return {k: sum(d[k] for d in per_rank if k in d) / sum(k in d for d in per_rank) for k in keys}
+
+
 def gather_mean(x: Tensor, mask: Tensor, accelerator=None) -> float:
     """Masked mean over all processes."""
     s = torch.where(mask.bool(), x.float(), 0.0).sum().reshape(1)
@@ -481,13 +602,14 @@ def whiten_global(x: Tensor, mask: Tensor, accelerator=None, shift_mean: bool = 
         from .rl import masked_whiten
 
         return masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    # Two passes (mean, then squared deviations) with Bessel's correction, as `rl.masked_whiten` on one process.
     m = mask.bool()
-    xs = torch.where(m, x, 0.0)
-    stats = torch.stack([xs.sum(), (xs * xs).sum(), m.float().sum()]).reshape(1, 3)
-    stats = accelerator.reduce(stats, "sum")[0]
-    mean = stats[0] / stats[2]
-    var = stats[1] / stats[2] - mean * mean
-    out = (x - mean) * torch.rsqrt(var.clamp(min=0) + eps)
+    sum_n = accelerator.reduce(torch.stack([torch.where(m, x, 0.0).sum(), m.to(x.dtype).sum()]).reshape(1, 2),
+                               "sum")[0]
+    mean, n = sum_n[0] / sum_n[1], sum_n[1]
+    sq = accelerator.reduce(torch.where(m, (x - mean) ** 2, 0.0).sum().reshape(1), "sum")[0]
+    var = sq / n * n / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return torch.where(m, out, 0.0)

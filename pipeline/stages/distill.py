@@ -38,7 +38,14 @@ Departures from DAgger as written in BACKGROUND.md, each deliberate:
 The teacher and student must share a tokenizer (vocabulary and special tokens; checked before any model
 is loaded). Logits are sliced to `len(tokenizer)`, so embeddings padded to different sizes still match
 (PITFALLS), and sampling never picks a padding row. The student is any causal LM, or the teacher with a
-subset of its decoder layers (`student.from_teacher.keep_layers`). One process (no accelerate).
+subset of its decoder layers (`student.from_teacher.keep_layers`).
+
+Under `accelerate launch --num_processes N` (as PPO): `rollout_batch_size` and `minibatch_size` are global;
+each process rolls out its contiguous block of the prompts (the mixture coins are drawn for the whole
+batch, so the same rows are teacher rows however many processes there are), the student is DDP-wrapped,
+the loss is normalised by the minibatch's tokens on all processes, logged numbers are averaged over the
+processes, and only the main process writes metrics, samples, checkpoints, `final/` and the held-out
+evaluation.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from ..checkpoint import (
     interrupt_signal,
     latest_checkpoint,
     load_checkpoint,
+    rank_rng_states,
     save_checkpoint,
     truncate_jsonl,
 )
@@ -70,23 +78,31 @@ from ..models import (
     load_tokenizer,
     peft_lora_config,
     resolve_model_path,
-    resolve_precision,
     save_final,
 )
 from ..onpolicy import (
+    Generation,
     PromptSampler,
     RolloutBatch,
     SamplingSettings,
     Throughput,
     UpdateSettings,
+    accelerate_precision,
+    check_generation_batch_size,
+    chunk_seed,
     concat_batches,
     encode_prompts,
+    mean_across_processes,
     optimise,
     policy_logprobs,
+    process_split,
     response_logits,
     sample_responses,
+    sample_rows,
+    shard,
     unwrap_for_generation,
 )
+from ..rollout_vllm import rollout_engine
 from ..rl import (
     entropy_from_logits,
     forward_kl_full,
@@ -284,6 +300,7 @@ def check_config(cfg: DistillConfig, where: str) -> None:
     for key in ("beta", "beta_end"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise RecipeError(f"{where}: `distill.{key}` is a probability in [0, 1], got {getattr(cfg, key)}.")
+    check_generation_batch_size(cfg.generation_batch_size, "distill.generation_batch_size")
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,10 +380,11 @@ def label_states(models: DistillModels, batch: RolloutBatch, temperature: float,
     """Teacher and student forwards over every visited state (the training forward: left padding,
     position ids from the mask), in micro-batches."""
     V, parts = models.vocab_size, []
+    student = unwrap_for_generation(models.student)  # not the DDP wrapper: no collectives in no-grad forwards
     for start in range(0, len(batch), micro_batch_size):
         mb = batch.index(torch.arange(start, min(start + micro_batch_size, len(batch))))
         with precision.autocast_ctx():
-            s_logits = response_logits(models.student, mb)[..., :V]
+            s_logits = response_logits(student, mb)[..., :V]
             t_logits = response_logits(models.teacher, mb)[..., :V]
         parts.append(StateLabels(
             teacher_logits=t_logits,
@@ -378,26 +396,33 @@ def label_states(models: DistillModels, batch: RolloutBatch, temperature: float,
     return StateLabels(*(torch.cat([getattr(p, f) for p in parts]) for f in StateLabels.__dataclass_fields__))
 
 
+def mixture_coins(n: int, beta: float, generator: torch.Generator) -> Tensor:
+    """One seeded coin per sequence of the global batch: True = sampled wholly by the teacher."""
+    return torch.rand(n, generator=generator) < beta
+
+
 @torch.no_grad()
 def make_rollout(models: DistillModels, examples: list, cfg: DistillConfig, beta: float, precision: Precision,
-                 timer: Throughput, generator: torch.Generator) -> tuple[RolloutBatch, dict]:
-    """Sample from the per-sequence mixture and label the visited states. -> (batch, {"stats", "texts"})."""
+                 timer: Throughput, generator: torch.Generator, generation: Optional[Generation] = None,
+                 from_teacher: Optional[Tensor] = None) -> tuple[RolloutBatch, dict]:
+    """Sample from the per-sequence mixture and label the visited states. -> (batch, {"stats", "texts"}).
+    `from_teacher`: this process's coins (drawn from `generator` for `examples` when omitted);
+    `generation`: engine, chunks and seeds (default: HF `generate`, all rows at once, global RNG stream)."""
     tok, device = models.tokenizer, next(models.student.parameters()).device
-    # One seeded coin per sequence: True = sampled wholly by the teacher.
-    from_teacher = torch.rand(len(examples), generator=generator) < beta
+    gen = generation or Generation()
+    coins = (mixture_coins(len(examples), beta, generator) if from_teacher is None else from_teacher).tolist()
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature)
     parts = []
     with timer.time("generate"):
-        for flag, model in ((True, models.teacher), (False, models.student)):
-            rows = [ex for ex, f in zip(examples, from_teacher.tolist()) if f == flag]
-            if not rows:
-                continue
-            q, qm = encode_prompts(tok, rows, device)
-            r, rm, ended = sample_responses(model, tok, q, qm, settings, precision.autocast_ctx(),
-                                            vocab_size=models.vocab_size)
-            parts.append(RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=None,
-                                      ended=ended, prompts=rows,
-                                      from_teacher=torch.full((len(rows),), flag, dtype=torch.bool, device=device)))
+        for start, end, seed in gen.chunks(len(examples)):
+            for flag, model in ((True, models.teacher), (False, models.student)):
+                rows = [ex for ex, f in zip(examples[start:end], coins[start:end]) if f == flag]
+                if not rows:
+                    continue
+                part = sample_rows(model, tok, rows, settings, device, gen, None if seed is None else
+                                   chunk_seed(seed, flag), precision.autocast_ctx(), models.vocab_size)
+                part.from_teacher = torch.full((len(rows),), flag, dtype=torch.bool, device=device)
+                parts.append(part)
     batch = concat_batches(parts, tok.pad_token_id)
     with timer.time("label"):
         labels = label_states(models, batch, cfg.temperature, cfg.micro_batch_size, precision)
@@ -451,18 +476,27 @@ def pass_rate(rows: list, texts: list[str]) -> Optional[float]:
 
 def train_distill(models: DistillModels, prompts: list, cfg: DistillConfig, precision: Precision, stage_dir: Path,
                   seed: int = 0, metrics: Optional[MetricsLogger] = None, progress: bool = True,
-                  resume: bool = True) -> list[dict]:
+                  resume: bool = True, accelerator=None) -> list[dict]:
     """Run `cfg.iterations` distillation iterations. Returns the per-iteration metrics (also in
-    metrics.jsonl). Checkpoints (student weights, optimizer, RNGs, prompt position) every
-    `checkpoint_every` iterations and on SIGINT/SIGTERM; with `resume` continues from the newest."""
+    metrics.jsonl, averaged over the processes). Checkpoints (student weights, optimizer, RNGs, prompt
+    position) every `checkpoint_every` iterations and on SIGINT/SIGTERM; with `resume` continues from the
+    newest. With an `accelerator` of several processes the student is DDP-wrapped (module docstring)."""
     check_config(cfg, "distill")
+    engine = rollout_engine(cfg.rollout_engine, precision.device, "distill.rollout_engine")
     stage_dir = Path(stage_dir)
     sampler = PromptSampler(prompts, seed)
     params = [p for p in models.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
+    world, rank = process_split(accelerator, "distill", rollout_batch_size=cfg.rollout_batch_size,
+                                minibatch_size=cfg.minibatch_size)
+    if world > 1:
+        models.student, optimizer = accelerator.prepare(models.student, optimizer)
+        torch.manual_seed(seed + rank)  # different samples on each process (without generation_batch_size)
+    is_main = rank == 0
     shuffle = torch.Generator().manual_seed(seed)
     mixture = torch.Generator().manual_seed(seed + 1)  # the per-sequence teacher/student coins
-    update = UpdateSettings(cfg.epochs, cfg.minibatch_size, cfg.micro_batch_size, cfg.max_grad_norm)
+    update = UpdateSettings(cfg.epochs, cfg.minibatch_size // world, cfg.micro_batch_size, cfg.max_grad_norm)
+    local_rows = cfg.rollout_batch_size // world
     loss_fn = make_loss_fn(models, cfg, precision)
     ckpt_root = stage_dir / "checkpoints"
     ckpt_models = {"student": unwrap_for_generation(models.student)}
@@ -470,28 +504,32 @@ def train_distill(models: DistillModels, prompts: list, cfg: DistillConfig, prec
     start, nonfinite, history = 1, 0, []
     latest = latest_checkpoint(ckpt_root) if resume else None
     if latest is not None:
-        state = load_checkpoint(latest, ckpt_models, optimizer, generators)
+        state = load_checkpoint(latest, ckpt_models, optimizer, generators, rank=rank)
         sampler.load_state_dict(state["sampler"])
         start, nonfinite = state["iteration"] + 1, state["nonfinite"]
-        truncate_jsonl(stage_dir / "metrics.jsonl", state["iteration"])
-        truncate_jsonl(stage_dir / "samples.jsonl", state["iteration"], key="iteration")
-        history = [r for r in read_jsonl(stage_dir / "metrics.jsonl") if "distill/loss" in r]
+        if is_main:
+            truncate_jsonl(stage_dir / "metrics.jsonl", state["iteration"])
+            truncate_jsonl(stage_dir / "samples.jsonl", state["iteration"], key="iteration")
+            history = [r for r in read_jsonl(stage_dir / "metrics.jsonl") if "distill/loss" in r]
         log(f"distill: resuming from {latest} (iteration {start} of {cfg.iterations})")
-    else:
+    elif is_main:
         for name in ("metrics.jsonl", "samples.jsonl"):  # rows of an earlier attempt without a checkpoint
             (stage_dir / name).unlink(missing_ok=True)
-    metrics = metrics or MetricsLogger(stage_dir)
-    bar = tqdm(range(start, cfg.iterations + 1), desc="distill", disable=not progress, initial=start - 1,
-               total=cfg.iterations)
+    metrics = metrics or (MetricsLogger(stage_dir) if is_main else None)
+    bar = tqdm(range(start, cfg.iterations + 1), desc="distill", disable=not (progress and is_main),
+               initial=start - 1, total=cfg.iterations)
     for it in bar:
         timer = Throughput()
         # 1-2. beta_i, then roll out the mixture; 3. the teacher labels every visited state.
         beta = beta_at(cfg, it - 1)
-        batch, info = make_rollout(models, sampler.next(cfg.rollout_batch_size), cfg, beta, precision, timer,
-                                   mixture)
+        coins = mixture_coins(cfg.rollout_batch_size, beta, mixture)  # the whole batch's, on every process
+        gen = Generation(engine, cfg.generation_batch_size,
+                         chunk_seed(seed, it) if cfg.generation_batch_size else None, rank * local_rows)
+        batch, info = make_rollout(models, shard(sampler.next(cfg.rollout_batch_size), rank, world), cfg, beta,
+                                   precision, timer, mixture, gen, shard(coins, rank, world))
         # 4. update the student on this batch through the shared loop.
         with timer.time("train"):
-            upd = optimise(batch, loss_fn, optimizer, params, update, shuffle)
+            upd = optimise(batch, loss_fn, optimizer, params, update, shuffle, accelerator, models=(models.student,))
         stats = dict(info["stats"])
         stats.update({k: v for k, v in upd.items() if k.startswith("distill/")})
         stats["distill/loss"] = upd.get("loss", float("nan"))
@@ -508,16 +546,24 @@ def train_distill(models: DistillModels, prompts: list, cfg: DistillConfig, prec
                                          "stopping. Lower distill.lr.")
         else:
             nonfinite = 0
-        metrics.log(it, stats)
+        stats = mean_across_processes(stats, accelerator)
+        if is_main:
+            metrics.log(it, stats)
         history.append(stats)
         post = {"rkl": f"{stats['distill/reverse_kl']:.3f}"} if "distill/reverse_kl" in stats else {}
         bar.set_postfix(loss=f"{stats['distill/loss']:.3f}", beta=f"{beta:.2f}", **post)
-        if cfg.log_samples_every and (it == 1 or it % cfg.log_samples_every == 0):
+        if is_main and cfg.log_samples_every and (it == 1 or it % cfg.log_samples_every == 0):
             log_samples(stage_dir, it, batch, info, n=3)
         signum = interrupt_signal()
         if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.iterations) or signum:
-            path = save_checkpoint(ckpt_root, it, ckpt_models, optimizer,
-                                   {"sampler": sampler.state_dict(), "nonfinite": nonfinite}, generators)
+            path = ckpt_root / f"iter-{it:06d}"
+            rngs = rank_rng_states(accelerator)  # every process's sampling RNG, gathered on all
+            if is_main:
+                path = save_checkpoint(ckpt_root, it, ckpt_models, optimizer,
+                                       {"sampler": sampler.state_dict(), "nonfinite": nonfinite}, generators,
+                                       rank_rngs=rngs)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
             if signum:
                 raise Interrupted(signum, str(path))
     return history
@@ -608,13 +654,15 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
     cfg: DistillConfig = recipe.distill
     stage_dir = Path(stage_dir)
     check_config(cfg, recipe.source or "<recipe>")
-    precision = resolve_precision(recipe.model)
+    precision, accelerator = accelerate_precision(recipe.model)
     prompts = prompt_examples(load_rows(cfg.prompts), cfg.prompts)
     spec = heldout_spec(cfg)
     heldout = prompt_examples(load_rows(spec), spec) if spec else None
     models = build_models(recipe, cfg, precision)
-    history = train_distill(models, prompts, cfg, precision, stage_dir, seed=recipe.run.seed)
-    save_final(unwrap_for_generation(models.student), models.tokenizer, stage_dir / "final")
+    history = train_distill(models, prompts, cfg, precision, stage_dir, seed=recipe.run.seed,
+                            accelerator=accelerator)
+    if accelerator.is_main_process:
+        save_final(unwrap_for_generation(models.student), models.tokenizer, stage_dir / "final")
     first, last, tail = history[0], history[-1], history[-5:]
     summary: dict[str, Any] = {
         "iterations": len(history), "teacher_from": recipe.resolve_model_ref(cfg.teacher_from),
@@ -628,7 +676,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
             summary[f"{k}_first"], summary[f"{k}_last"] = first[k], last[k]
             vals = [h[k] for h in tail if k in h]
             summary[f"{k}_last5_mean"] = sum(vals) / len(vals)
-    if heldout:
+    if heldout and accelerator.is_main_process:  # the other processes' summaries are not written
         log(f"distill: held-out evaluation on {len(heldout)} prompts from {spec}")
         result = heldout_eval(models, heldout, cfg, precision, progress=True)
         result["prompts_file"] = spec
@@ -641,7 +689,8 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
             "heldout_forward_kl": result["forward_kl_per_token"],
             "heldout_reverse_kl_by_position": result["reverse_kl_by_position"],
         })
-    else:
+    elif not heldout:
         log("distill: no held-out prompts (distill.heldout_prompts, or eval/constraints/heldout.jsonl); skipping "
             "the held-out evaluation")
+    accelerator.wait_for_everyone()  # the next stage starts when final/ and heldout.json are written
     return summary

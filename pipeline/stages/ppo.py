@@ -31,23 +31,30 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import PPOConfig, Recipe
-from ..models import Precision, load_policy, peft_lora_config, resolve_model_path, resolve_precision, save_final
+from ..models import Precision, load_policy, peft_lora_config, resolve_model_path, save_final
 from ..onpolicy import (
+    Generation,
+    accelerate_precision,
     PromptSampler,
     RolloutBatch,
     ValueModel,
     SamplingSettings,
     Throughput,
     UpdateSettings,
+    check_generation_batch_size,
     check_prompt_lengths,
+    chunk_seed,
+    concat_batches,
     critic_values,
-    encode_prompts,
     gather_mean,
+    mean_across_processes,
     optimise,
     policy_logprobs,
+    process_split,
     recompute_logprobs,
     recompute_values,
-    sample_responses,
+    sample_rows,
+    shard,
     unwrap_for_generation,
     whiten_global,
 )
@@ -62,7 +69,7 @@ from ..rl import (
     kl_penalty,
     masked_mean,
     policy_loss,
-    reinforce_advantages,
+    discounted_returns,
     rloo_token_advantages,
     token_level_rewards,
     value_loss,
@@ -72,9 +79,11 @@ from ..checkpoint import (
     interrupt_signal,
     latest_checkpoint,
     load_checkpoint,
+    rank_rng_states,
     save_checkpoint,
     truncate_jsonl,
 )
+from ..rollout_vllm import rollout_engine
 from ..utils import MetricsLogger, log, read_jsonl
 
 
@@ -159,15 +168,19 @@ def expand_prompts(examples: list, k: int) -> tuple[list, torch.Tensor]:
 
 @torch.no_grad()
 def make_rollout(models: PPOModels, reward, examples: list, cfg: PPOConfig, kl_coef: float, precision: Precision,
-                 timer: Throughput, accelerator=None) -> tuple[RolloutBatch, dict]:
+                 timer: Throughput, accelerator=None,
+                 generation: Optional[Generation] = None) -> tuple[RolloutBatch, dict]:
+    """`examples`: this process's prompts; `generation`: engine, chunks and seeds (default: HF `generate`
+    on all rows at once, from the global RNG stream)."""
     tok, ac = models.tokenizer, precision.autocast_ctx
+    gen = generation or Generation()
     rows, group = expand_prompts(examples, cfg.samples_per_prompt)
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     with timer.time("generate"):
-        q, qm = encode_prompts(tok, rows, precision.device)
-        r, rm, ended = sample_responses(models.policy, tok, q, qm, settings, ac())
-    batch = RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=None,
-                         ended=ended, prompts=rows, group=group)
+        batch = concat_batches([sample_rows(models.policy, tok, rows[s:e], settings, precision.device, gen, seed, ac())
+                                for s, e, seed in gen.chunks(len(rows))], tok.pad_token_id)
+    batch.group = group.to(batch.response_ids.device)
+    r, rm, ended = batch.response_ids, batch.response_mask, batch.ended
     mb = cfg.micro_batch_size
     with timer.time("score"):
         batch.logprobs = recompute_logprobs(models.policy, batch, cfg.temperature, mb, ac())
@@ -190,7 +203,9 @@ def make_rollout(models: PPOModels, reward, examples: list, cfg: PPOConfig, kl_c
         adv, ret = gae(batch.rewards, batch.values, mask, cfg.gamma, cfg.gae_lambda)
         batch.returns = ret
     elif cfg.advantage == "reinforce":
-        adv = reinforce_advantages(batch.rewards, mask, cfg.gamma, baseline="batch_mean")
+        # Reward-to-go minus its mean over the whole rollout batch (all processes).
+        to_go = discounted_returns(batch.rewards, mask, cfg.gamma)
+        adv = torch.where(mask, to_go - gather_mean(to_go, mask, accelerator), 0.0)
     else:
         adv = rloo_token_advantages(batch.rewards, mask, cfg.samples_per_prompt, cfg.gamma)
     batch.advantages = whiten_global(adv, mask, accelerator) if cfg.whiten_advantages else adv
@@ -229,7 +244,7 @@ def make_loss_fn(models: PPOModels, cfg: PPOConfig, kl_ctl, precision: Precision
         mask = mb.response_mask
         loss, stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, cfg.clip_coef, n_tokens)
         stats = {f"ppo/{k}": v for k, v in stats.items()}
-        stats["ppo/pg_loss"] = loss.detach()
+        stats["ppo/pg_loss"] = loss.detach() * n_tokens / max(mb.n_tokens, 1)  # per-token mean, as value_loss
         if values is not None:
             vf, vstats = value_loss(values, mb.values, mb.returns, mask, cfg.clip_coef_v, n_tokens)
             loss = loss + cfg.vf_coef * vf
@@ -262,6 +277,8 @@ def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precisio
     KL controller and prompt position are saved to `stage_dir/checkpoints/`; with `resume` the loop
     continues from the newest complete checkpoint there.
     """
+    check_generation_batch_size(cfg.generation_batch_size, "ppo.generation_batch_size")
+    engine = rollout_engine(cfg.rollout_engine, precision.device, "ppo.rollout_engine")
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     sampler = PromptSampler(prompts, seed)
@@ -271,22 +288,21 @@ def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precisio
         groups.append({"params": [p for p in models.critic.parameters() if p.requires_grad], "lr": cfg.critic_lr})
     optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
     all_params = [p for g in groups for p in g["params"]]
-    world, rank = 1, 0
-    if accelerator is not None and accelerator.num_processes > 1:
-        # DDP over the trainable models; each process rolls out its slice of the global prompt batch.
-        world, rank = accelerator.num_processes, accelerator.process_index
-        if cfg.rollout_batch_size % world:
-            raise ValueError(f"ppo.rollout_batch_size={cfg.rollout_batch_size} must be divisible by the "
-                             f"number of processes ({world}).")
+    # rollout_batch_size and minibatch_size are global: each process holds 1/world of both.
+    world, rank = process_split(accelerator, "ppo", rollout_batch_size=cfg.rollout_batch_size,
+                                minibatch_size=cfg.minibatch_size)
+    if world > 1:
+        # DDP over the trainable models; each process rolls out its block of the global prompt batch.
         if models.critic is not None:
             models.policy, models.critic, optimizer = accelerator.prepare(models.policy, models.critic, optimizer)
         else:
             models.policy, optimizer = accelerator.prepare(models.policy, optimizer)
-        torch.manual_seed(seed + rank)  # different samples on each process
+        torch.manual_seed(seed + rank)  # different samples on each process (without generation_batch_size)
     is_main = rank == 0
     generator = torch.Generator().manual_seed(seed)
-    update = UpdateSettings(cfg.ppo_epochs, cfg.minibatch_size, cfg.micro_batch_size, cfg.max_grad_norm,
+    update = UpdateSettings(cfg.ppo_epochs, cfg.minibatch_size // world, cfg.micro_batch_size, cfg.max_grad_norm,
                             cfg.target_approx_kl)
+    local_rows = cfg.rollout_batch_size // world * cfg.samples_per_prompt
     loss_fn = make_loss_fn(models, cfg, kl_ctl, precision)
     ckpt_root = stage_dir / "checkpoints"
     ckpt_models = {"policy": unwrap_for_generation(models.policy),
@@ -295,7 +311,7 @@ def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precisio
     start, nonfinite, history = 1, 0, []
     latest = latest_checkpoint(ckpt_root) if resume else None
     if latest is not None:
-        state = load_checkpoint(latest, ckpt_models, optimizer, generators)
+        state = load_checkpoint(latest, ckpt_models, optimizer, generators, rank=rank)
         kl_ctl.load_state_dict(state["kl_ctl"])
         sampler.load_state_dict(state["sampler"])
         start, nonfinite = state["iteration"] + 1, state["nonfinite"]
@@ -313,8 +329,10 @@ def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precisio
                initial=start - 1, total=cfg.iterations)
     for it in bar:
         timer = Throughput()
-        examples = sampler.next(cfg.rollout_batch_size)[rank::world]
-        batch, info = make_rollout(models, reward, examples, cfg, kl_ctl.value, precision, timer, accelerator)
+        examples = shard(sampler.next(cfg.rollout_batch_size), rank, world)
+        gen = Generation(engine, cfg.generation_batch_size,
+                         chunk_seed(seed, it) if cfg.generation_batch_size else None, rank * local_rows)
+        batch, info = make_rollout(models, reward, examples, cfg, kl_ctl.value, precision, timer, accelerator, gen)
         with timer.time("train"):
             upd = optimise(batch, loss_fn, optimizer, all_params, update, generator, accelerator,
                            models=tuple(m for m in (models.policy, models.critic) if m is not None))
@@ -328,7 +346,6 @@ def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precisio
             stats["ppo/explained_variance"] = float(explained_variance(batch.values, batch.returns,
                                                                        batch.response_mask))
         stats["ppo/kl_coef"] = kl_ctl.value
-        kl_ctl.update(stats["ppo/kl"], cfg.rollout_batch_size * cfg.samples_per_prompt)
         total = sum(timer.parts.values())
         stats["ppo/tokens_per_s"] = batch.n_tokens / max(total, 1e-9)
         for k, v in timer.parts.items():
@@ -343,6 +360,7 @@ def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precisio
         else:
             nonfinite = 0
         stats = mean_across_processes(stats, accelerator)
+        kl_ctl.update(stats["ppo/kl"], cfg.rollout_batch_size * cfg.samples_per_prompt)  # the same on every process
         if is_main:
             metrics.log(it, stats)
         history.append(stats)
@@ -353,24 +371,16 @@ def train_ppo(models: PPOModels, reward, prompts: list, cfg: PPOConfig, precisio
         signum = interrupt_signal()
         if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.iterations) or signum:
             path = ckpt_root / f"iter-{it:06d}"
+            rngs = rank_rng_states(accelerator)  # every process's sampling RNG, gathered on all
             if is_main:
                 path = save_checkpoint(ckpt_root, it, ckpt_models, optimizer, {
                     "kl_ctl": kl_ctl.state_dict(), "sampler": sampler.state_dict(), "nonfinite": nonfinite},
-                    generators)
+                    generators, rank_rngs=rngs)
             if accelerator is not None:
                 accelerator.wait_for_everyone()
             if signum:
                 raise Interrupted(signum, str(path))
     return history
-
-
-def mean_across_processes(stats: dict, accelerator) -> dict:
-    if accelerator is None or accelerator.num_processes == 1:
-        return stats
-    keys = sorted(stats)
-    t = torch.tensor([float(stats[k]) for k in keys], device=accelerator.device, dtype=torch.float64)
-    t = accelerator.reduce(t, reduction="mean")
-    return dict(zip(keys, t.tolist()))
 
 
 def log_samples(stage_dir: Path, it: int, batch: RolloutBatch, texts: list[str], n: int = 3) -> None:
@@ -382,22 +392,12 @@ def log_samples(stage_dir: Path, it: int, batch: RolloutBatch, texts: list[str],
                                 "score": float(batch.scores[i]), "ended": bool(batch.ended[i])}) + "\n")
 
 
-def accelerate_precision(recipe: Recipe):
-    """The Accelerator (one process, or several under `accelerate launch`) and the precision on its device."""
-    from accelerate import Accelerator
-
-    precision = resolve_precision(recipe.model)
-    accelerator = Accelerator(cpu=precision.device.type == "cpu")
-    precision.device = accelerator.device
-    return precision, accelerator
-
-
 def run(recipe: Recipe, stage_dir: Path) -> dict:
     from ..data import load_rows, prompt_examples
     from ..rewards import build_reward
 
     cfg: PPOConfig = recipe.ppo
-    precision, accelerator = accelerate_precision(recipe)
+    precision, accelerator = accelerate_precision(recipe.model)
     prompts = prompt_examples(load_rows(cfg.prompts), cfg.prompts)
     models = build_models(recipe, cfg, precision)
     check_prompt_lengths(models.tokenizer, prompts, cfg.prompts,
