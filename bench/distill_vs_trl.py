@@ -1,0 +1,387 @@
+"""On-policy distillation, ours vs TRL's `DistillationTrainer`: seconds/step, tokens/s, peak RSS, held-out KL.
+
+    python bench/distill_vs_trl.py                         # 8 steps, batch 4, 32 new tokens (a few minutes)
+    python bench/distill_vs_trl.py --steps 30 --batch 16 --max-new-tokens 64 --json bench/results/distill.json
+    python bench/distill_vs_trl.py --only ours             # or --only trl
+
+Ours = the `distill` stage's loop (`stages.distill.build_models` + `train_distill`, on the shared RL core:
+rollout -> teacher labels every visited state -> `onpolicy.optimise`). Theirs = TRL's `DistillationTrainer`
+(trl 1.16, the installed one; it runs in the same Python as ours). Each side runs in its own subprocess
+(`--side`), so each peak RSS is its own; each saves its final student, and this process then evaluates both
+students (and the untrained one) with the same function on the same held-out prompts.
+
+Matched on both sides:
+  - teacher: the default model (SmolLM2-135M-Instruct, the cached safetensors directory), fp32, frozen;
+  - student: the teacher's embeddings, final norm, lm_head and the decoder layers `--keep-layers` keeps
+    (default every_2nd: 15 of 30), built by `stages.distill.student_from_teacher` on both sides, so both
+    start from identical weights; full fine-tuning, fp32, no autocast (ours: cpu_autocast off; TRL: bf16 off),
+    no gradient checkpointing (TRL's default turns it on; turned off here), dropout off;
+  - divergence: on-policy reverse KL(student || teacher) over the full vocabulary at every response token,
+    summed over response tokens / response tokens in the batch. Ours: beta 0 (every sequence sampled by
+    the student), divergence reverse_kl, estimator full. TRL: beta 1.0 (its generalized JSD at beta = 1 is
+    the reverse KL), and it always samples from the student (trl 1.16 has no `lmbda`; it is fully on-policy);
+  - prompts: the same `--steps x --batch` prompts in the same order (our PromptSampler's order, seed 0;
+    TRL gets them in that order with shuffle_dataset off), the chat template, left padding;
+  - sampling: temperature 1.0, no top-k / top-p, stop at EOS, `--max-new-tokens`; the divergence at
+    temperature 1.0;
+  - update: one optimizer step per rollout batch of `--batch` prompts (ours: epochs 1, minibatch = micro-batch
+    = batch; TRL: per_device_train_batch_size = batch, gradient_accumulation_steps 1), AdamW with the same
+    lr, betas (0.9, 0.999), eps 1e-5, weight decay 0, constant lr (no warm-up), gradient clipping at 1.0;
+    `--steps` steps.
+Known differences in the work done, not equalised (they are part of what is compared):
+  - ours runs a no-grad "label" pass (teacher AND student forwards, full logits kept) before the update: it
+    gives the logged per-token KLs / entropy and the behaviour log-probs, then the update runs the student
+    forward again with gradients; TRL runs the teacher forward inside the loss and never a no-grad student pass;
+  - TRL computes the divergence from the hidden states through the lm_head in vocabulary chunks (never the
+    full (B, T, V) logits); ours materialises the logits;
+  - the sampled responses differ (different RNG streams), so response lengths and tokens per step differ;
+    tokens/s divides by each side's own response tokens.
+Timing: per step, generation (sampling) and the rest (label + update), in wall seconds and in process CPU
+seconds (all threads, `time.process_time`): on a machine shared with other jobs the CPU seconds still
+measure the work each side does, the wall seconds mostly measure the other jobs. The first step is a
+warm-up and is not in the means (with --steps 1 it is all there is). Tokens = response tokens through the
+first EOS.
+
+Held-out figure: the final student answers the first `--heldout` prompts of eval/constraints/heldout.jsonl
+greedily (`--max-new-tokens`), and the exact reverse KL(student || teacher) over the full vocabulary at
+temperature 1 is averaged over those answer tokens (`stages.distill.label_states`, the function the distill
+stage's held-out evaluation uses). Both final students, and the untrained one, go through the same code.
+With few steps the difference between the two students is mostly sampling noise; nothing here asserts a
+speed or a quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "smollm2-135m-instruct"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ordered_prompts(path: str, n: int) -> list:
+    """The first n prompt examples our PromptSampler (seed 0) hands out, in its order."""
+    from pipeline.data import load_rows, prompt_examples
+    from pipeline.onpolicy import PromptSampler
+
+    return PromptSampler(prompt_examples(load_rows(path), path), seed=0).next(n)
+
+
+def keep_layers_spec(s: str):
+    return [int(x) for x in s.split(",")] if "," in s else s
+
+
+def model_config():
+    from pipeline.config import ModelConfig
+
+    return ModelConfig(name_or_path=MODEL, cpu_autocast="off")
+
+
+def summarise(steps: list[dict]) -> dict:
+    """Means over the steps after the first (warm-up); `steps`: dicts with generate_s, update_s, their CPU
+    seconds cpu_generate_s, cpu_update_s, and tokens."""
+    timed = steps[1:] or steps
+    mean = {k: sum(s[k] for s in timed) / len(timed)
+            for k in ("generate_s", "update_s", "cpu_generate_s", "cpu_update_s", "tokens")}
+    wall, cpu = mean["generate_s"] + mean["update_s"], mean["cpu_generate_s"] + mean["cpu_update_s"]
+    tokens = mean.pop("tokens")
+    return {"seconds_per_step": wall, "cpu_seconds_per_step": cpu, **mean, "tokens_per_step": tokens,
+            "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "timed_steps": len(timed),
+            "steps": steps}
+
+
+# --------------------------------------------------------------------------------------------
+# Ours
+# --------------------------------------------------------------------------------------------
+
+
+def side_ours(args, out: Path) -> dict:
+    import pipeline.stages.distill as distill_stage
+    from pipeline.config import DistillConfig, KeepLayersConfig, Recipe, StudentConfig
+    from pipeline.models import resolve_precision
+    from pipeline.onpolicy import Throughput, unwrap_for_generation
+    from pipeline.stages.distill import build_models, train_distill
+
+    timers: list = []
+
+    class CPUThroughput(Throughput):
+        """The stage's per-iteration timer, also keeping each part's process CPU seconds (all threads)."""
+
+        def __init__(self):
+            super().__init__()
+            self.cpu: dict[str, float] = {}
+            timers.append(self)
+
+        @contextlib.contextmanager
+        def time(self, name: str):
+            c = time.process_time()
+            with super().time(name):
+                yield
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+
+    distill_stage.Throughput = CPUThroughput  # train_distill makes one per iteration
+
+    torch.manual_seed(0)
+    mcfg = model_config()
+    precision = resolve_precision(mcfg)
+    cfg = DistillConfig(
+        teacher_from="base", student=StudentConfig(from_teacher=KeepLayersConfig(keep_layers_spec(args.keep_layers))),
+        prompts=args.prompts, beta=0.0, divergence="reverse_kl", estimator="full", lora=None,
+        iterations=args.steps, rollout_batch_size=args.batch, minibatch_size=args.batch, micro_batch_size=args.batch,
+        epochs=1, lr=args.lr, max_new_tokens=args.max_new_tokens, temperature=1.0, max_grad_norm=1.0,
+        log_samples_every=0, checkpoint_every=0)
+    models = build_models(Recipe(model=mcfg), cfg, precision)
+    # train_distill draws from PromptSampler(prompts, seed=0): these are the prompts TRL gets, in this order.
+    from pipeline.data import load_rows, prompt_examples
+
+    prompts = prompt_examples(load_rows(args.prompts), args.prompts)
+    hist = train_distill(models, prompts, cfg, precision, out / "stage", seed=0, progress=False, resume=False)
+    steps = [{"generate_s": h["distill/time_generate_s"],
+              "update_s": h.get("distill/time_label_s", 0.0) + h["distill/time_train_s"],
+              "label_s": h.get("distill/time_label_s", 0.0), "train_s": h["distill/time_train_s"],
+              "cpu_generate_s": t.cpu.get("generate", 0.0),
+              "cpu_update_s": t.cpu.get("label", 0.0) + t.cpu.get("train", 0.0),
+              "tokens": h["distill/response_length"] * args.batch, "loss": h["distill/loss"]}
+             for h, t in zip(hist, timers)]
+    unwrap_for_generation(models.student).save_pretrained(out / "student")
+    return {**summarise(steps), "peak_rss_mb": peak_rss_mb(), "kept_layers": models.kept_layers}
+
+
+# --------------------------------------------------------------------------------------------
+# TRL
+# --------------------------------------------------------------------------------------------
+
+
+def side_trl(args, out: Path) -> dict:
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from pipeline.models import resolve_model_path
+    from pipeline.stages.distill import choose_layers, student_from_teacher
+
+    torch.manual_seed(0)
+    model_dir = resolve_model_path(MODEL)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).requires_grad_(False).eval()
+    kept = choose_layers(teacher, keep_layers_spec(args.keep_layers))
+    student = student_from_teacher(teacher, kept)
+    rows = ordered_prompts(args.prompts, args.steps * args.batch)
+    dataset = Dataset.from_dict({"prompt": [ex["prompt"] for ex in rows]})
+    config = DistillationConfig(
+        output_dir=str(out / "trl_out"), report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+        logging_steps=1, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+        max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-5, optim="adamw_torch",
+        max_grad_norm=1.0, beta=1.0, temperature=1.0, top_k=0, top_p=1.0,
+        max_completion_length=args.max_new_tokens, gradient_checkpointing=False, bf16=False, fp16=False,
+        shuffle_dataset=False, disable_dropout=True, dataloader_num_workers=0, use_cpu=True)
+
+    steps: list[dict] = []
+    current: dict = {}
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args_, state, control, **kw):
+            current.clear()
+            current["t0"], current["c0"] = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args_, state, control, **kw):
+            total, cpu = time.perf_counter() - current["t0"], time.process_time() - current["c0"]
+            steps.append({"generate_s": current["generate_s"], "update_s": total - current["generate_s"],
+                          "cpu_generate_s": current["cpu_generate_s"],
+                          "cpu_update_s": cpu - current["cpu_generate_s"], "tokens": current["tokens"]})
+
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
+                                  processing_class=tok, callbacks=[StepTimer()])
+    gen_single, gen_score = trainer._generate_single_turn, trainer._generate_and_score_completions
+
+    def timed_generate(*a, **kw):
+        t, c = time.perf_counter(), time.process_time()
+        result = gen_single(*a, **kw)
+        current["generate_s"] = current.get("generate_s", 0.0) + time.perf_counter() - t
+        current["cpu_generate_s"] = current.get("cpu_generate_s", 0.0) + time.process_time() - c
+        return result
+
+    def counted(*a, **kw):
+        result = gen_score(*a, **kw)
+        current["tokens"] = current.get("tokens", 0) + int(result["completion_mask"].sum())
+        return result
+
+    trainer._generate_single_turn = timed_generate
+    trainer._generate_and_score_completions = counted
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    for s, loss in zip(steps, losses):
+        s["loss"] = loss
+    trainer.model.save_pretrained(out / "student")
+    return {**summarise(steps), "peak_rss_mb": peak_rss_mb(), "kept_layers": kept, "trl": trl.__version__}
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out reverse KL, the same function for every student
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def heldout_kl(student, teacher, tok, examples: list, max_new_tokens: int, batch: int) -> dict:
+    """Greedy student answers -> exact reverse / forward KL per answer token (temperature 1)."""
+    from pipeline.models import resolve_precision
+    from pipeline.onpolicy import RolloutBatch, SamplingSettings, encode_prompts, sample_responses
+    from pipeline.stages.distill import DistillModels, label_states
+
+    precision = resolve_precision(model_config())
+    models = DistillModels(student=student.eval(), teacher=teacher.eval(), tokenizer=tok, vocab_size=len(tok))
+    rkl = fkl = n = 0.0
+    for start in range(0, len(examples), batch):
+        rows = examples[start:start + batch]
+        q, qm = encode_prompts(tok, rows, precision.device)
+        r, rm, e = sample_responses(student, tok, q, qm, SamplingSettings(max_new_tokens), precision.autocast_ctx(),
+                                    greedy=True, vocab_size=models.vocab_size)
+        rb = RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=None, ended=e)
+        labels = label_states(models, rb, 1.0, batch, precision)
+        rkl += float(torch.where(rm, labels.reverse_kl, 0.0).sum())
+        fkl += float(torch.where(rm, labels.forward_kl, 0.0).sum())
+        n += float(rm.sum())
+    return {"reverse_kl_per_token": rkl / max(n, 1.0), "forward_kl_per_token": fkl / max(n, 1.0),
+            "answer_tokens": int(n)}
+
+
+def evaluate(args, student_dirs: dict) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data import load_rows, prompt_examples
+    from pipeline.models import load_policy, resolve_precision
+    from pipeline.stages.distill import choose_layers, student_from_teacher
+
+    teacher, tok = load_policy(MODEL, model_config(), resolve_precision(model_config()))
+    teacher.requires_grad_(False).eval()
+    examples = prompt_examples(load_rows(args.heldout_file, max_rows=args.heldout), args.heldout_file)
+    out = {}
+    initial = student_from_teacher(teacher, choose_layers(teacher, keep_layers_spec(args.keep_layers)))
+    out["untrained"] = heldout_kl(initial, teacher, tok, examples, args.max_new_tokens, args.batch)
+    del initial
+    for name, d in student_dirs.items():
+        student = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        out[name] = heldout_kl(student, teacher, tok, examples, args.max_new_tokens, args.batch)
+        del student
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+
+def run_side(side: str, args, tmp: Path) -> dict:
+    out = tmp / side
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--side-out", str(out),
+           "--steps", str(args.steps), "--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens),
+           "--lr", str(args.lr), "--keep-layers", args.keep_layers, "--prompts", args.prompts]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    print(f"{side}: running {args.steps} steps ...", flush=True)
+    t = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{side} side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    fig = json.loads((out / "figures.json").read_text())
+    print(f"{side}: done in {time.time() - t:.0f}s wall", flush=True)
+    return fig
+
+
+def print_table(figs: dict, kl: dict) -> None:
+    ours, trl = figs.get("ours"), figs.get("trl")
+    rows = [("seconds / step", "seconds_per_step", "{:.2f}"), ("  generate s", "generate_s", "{:.2f}"),
+            ("  label + update s", "update_s", "{:.2f}"), ("CPU s / step", "cpu_seconds_per_step", "{:.2f}"),
+            ("  generate CPU s", "cpu_generate_s", "{:.2f}"), ("  label + update CPU s", "cpu_update_s", "{:.2f}"),
+            ("response tokens / step", "tokens_per_step", "{:.1f}"), ("tokens / s", "tokens_per_s", "{:.2f}"),
+            ("tokens / CPU s", "tokens_per_cpu_s", "{:.2f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+            ("held-out reverse KL/token", "heldout_reverse_kl", "{:.4f}"),
+            ("held-out forward KL/token", "heldout_forward_kl", "{:.4f}")]
+    for name, f in figs.items():
+        if name in kl:
+            f["heldout_reverse_kl"] = kl[name]["reverse_kl_per_token"]
+            f["heldout_forward_kl"] = kl[name]["forward_kl_per_token"]
+    print(f"\n{'':<27}{'ours':>10}{'trl':>10}{'ours/trl':>10}")
+    for label, key, fmt in rows:
+        a = ours.get(key) if ours else None
+        b = trl.get(key) if trl else None
+        cell = lambda v: fmt.format(v) if v is not None else "-"  # noqa: E731
+        ratio = f"{a / b:.2f}" if a is not None and b else "-"
+        print(f"{label:<27}{cell(a):>10}{cell(b):>10}{ratio:>10}")
+    if "untrained" in kl:
+        print(f"untrained student: held-out reverse KL/token {kl['untrained']['reverse_kl_per_token']:.4f}, "
+              f"forward {kl['untrained']['forward_kl_per_token']:.4f} "
+              f"({kl['untrained']['answer_tokens']} answer tokens)")
+    for name, f in figs.items():
+        losses = [round(s["loss"], 4) for s in f["steps"] if "loss" in s]
+        print(f"{name} loss per step: {losses}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4, help="recipes/distill.yaml's")
+    ap.add_argument("--keep-layers", default="every_2nd", help="every_2nd, first_K, ... or a list like 0,2,4")
+    ap.add_argument("--prompts", default="data/constraints/prompts.jsonl")
+    ap.add_argument("--heldout-file", default="eval/constraints/heldout.jsonl")
+    ap.add_argument("--heldout", type=int, default=32, help="held-out prompts (the file's first N); 0 skips")
+    ap.add_argument("--only", choices=["ours", "trl"])
+    ap.add_argument("--threads", type=int, help="torch threads in every process (default torch's); 1 makes the "
+                    "CPU seconds a steadier measure of work on a busy machine")
+    ap.add_argument("--json", help="also write every figure to this file")
+    ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # internal: one side, in a subprocess
+    ap.add_argument("--side-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.side:
+        out = Path(args.side_out)
+        fig = side_ours(args, out) if args.side == "ours" else side_trl(args, out)
+        (out / "figures.json").write_text(json.dumps(fig, indent=2))
+        return
+
+    print(f"teacher {MODEL}, student keep_layers {args.keep_layers}, {args.steps} steps, batch {args.batch}, "
+          f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, fp32, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f} (1 min) at the start", flush=True)
+    figs: dict = {}
+    with tempfile.TemporaryDirectory(prefix="distill_vs_trl-") as tmp:
+        for side in ("ours", "trl"):
+            if args.only in (None, side):
+                figs[side] = run_side(side, args, Path(tmp))
+        kl = {}
+        if args.heldout:
+            print(f"held-out: {args.heldout} prompts of {args.heldout_file}, greedy, max_new_tokens "
+                  f"{args.max_new_tokens} ...", flush=True)
+            kl = evaluate(args, {side: Path(tmp) / side / "student" for side in figs})
+    print_table(figs, kl)
+    print(f"load average {os.getloadavg()[0]:.2f} (1 min) at the end")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "figures": figs, "heldout": kl}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
