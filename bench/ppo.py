@@ -6,11 +6,14 @@
 
 Scoring = behaviour, reference and value forwards plus the reward. Peak memory is the process's
 peak RSS (and the CUDA peak on a GPU). The first iteration is a warm-up and is not reported.
+Besides wall seconds, each part's process CPU seconds (all threads; `time.process_time`) are reported:
+on a machine shared with other jobs the CPU seconds still measure the work done, the wall seconds do not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -24,8 +27,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import LoraConfig, ModelConfig, PPOConfig, Recipe  # noqa: E402
 from pipeline.data import load_rows, prompt_examples  # noqa: E402
 from pipeline.models import resolve_precision  # noqa: E402
-from pipeline.onpolicy import ValueModel  # noqa: E402
+import pipeline.stages.ppo as ppo_stage  # noqa: E402
+from pipeline.onpolicy import Throughput, ValueModel  # noqa: E402
 from pipeline.stages.ppo import PPOModels, build_models, train_ppo  # noqa: E402
+
+
+class CPUThroughput(Throughput):
+    """The stage's per-iteration timer, also keeping each part's process CPU seconds (all threads)."""
+
+    made: list["CPUThroughput"] = []
+
+    def __init__(self):
+        super().__init__()
+        self.cpu: dict[str, float] = {}
+        CPUThroughput.made.append(self)
+
+    @contextlib.contextmanager
+    def time(self, name: str):
+        c = time.process_time()
+        with super().time(name):
+            yield
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
 
 
 def peak_rss_mb() -> float:
@@ -58,6 +80,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=2)
+    ap.add_argument("--minibatch-size", type=int, help="rows per optimizer step (default min(8, batch))")
+    ap.add_argument("--micro-batch-size", type=int, help="rows per forward (default the minibatch size)")
     ap.add_argument("--no-lora", action="store_true")
     ap.add_argument("--cpu-autocast", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--tiny", action="store_true")
@@ -68,9 +92,10 @@ def main() -> None:
 
     model_cfg = ModelConfig(name_or_path=args.policy, cpu_autocast=args.cpu_autocast)
     precision = resolve_precision(model_cfg)
+    minibatch = args.minibatch_size or min(8, args.batch)
     cfg = PPOConfig(policy_from="base", reward_from=args.reward, critic_from="policy", prompts=args.prompts,
-                    iterations=args.iterations, rollout_batch_size=args.batch, minibatch_size=min(8, args.batch),
-                    micro_batch_size=min(8, args.batch), max_new_tokens=args.max_new_tokens,
+                    iterations=args.iterations, rollout_batch_size=args.batch, minibatch_size=minibatch,
+                    micro_batch_size=args.micro_batch_size or minibatch, max_new_tokens=args.max_new_tokens,
                     lora=None if args.no_lora else LoraConfig(), log_samples_every=0)
     if args.tiny:
         models = tiny_models()
@@ -91,6 +116,7 @@ def main() -> None:
     t0 = time.time()
     out = Path("bench/results")
     out.mkdir(parents=True, exist_ok=True)
+    ppo_stage.Throughput = CPUThroughput  # train_ppo makes one per iteration
     hist = train_ppo(models, reward, prompts, cfg, precision, out, seed=0, progress=False)
     wall = time.time() - t0
     h = hist[-1]  # the first iteration warms up kernels and caches
@@ -104,6 +130,9 @@ def main() -> None:
         "tokens_per_s": tokens / total, "generate_tokens_per_s": tokens / parts["generate"],
         "peak_rss_mb": peak_rss_mb(), "wall_s_all_iterations": wall,
     }
+    cpu = CPUThroughput.made[-1].cpu
+    fig.update({f"cpu_{k}_s": cpu.get(k, 0.0) for k in ("generate", "score", "train")})
+    fig["cpu_seconds_per_iteration"] = sum(cpu.values())
     if torch.cuda.is_available():
         fig["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(f"{'figure':<26}{'value':>14}")
