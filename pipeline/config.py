@@ -100,6 +100,8 @@ class RewardConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_seq_len: int = 512
+    # Batches of pairs of similar length (less padding).
+    group_by_length: bool = True
     # Bradley-Terry: -log sigmoid(r_c - r_r - margin); use the per-pair `margin` column when present.
     use_margin: bool = True
     # Adds center_coef * (r_c + r_r)^2 to keep scores near zero (Eisenstein et al. 2023).

@@ -62,6 +62,11 @@ def tokenize_pairs(tok, pairs: list[dict], max_len: int, use_margin: bool) -> tu
     return rows, dropped
 
 
+def with_lengths(rows: list[dict]) -> list[dict]:
+    """A `length` column (the longer side of each pair) for length-grouped batches."""
+    return [{**r, "length": max(len(r["chosen_ids"]), len(r["rejected_ids"]))} for r in rows]
+
+
 @torch.no_grad()
 def pairwise_metrics(scorer: RewardModelScorer, pairs: list[dict], bins: int = 10) -> dict:
     prompts = [p["prompt"] for p in pairs]
@@ -169,6 +174,8 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         report_to=["tensorboard"],
         seed=recipe.run.seed,
         max_length=None,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length",
         center_rewards_coefficient=cfg.center_coef or None,
         remove_unused_columns=False,
         logging_nan_inf_filter=False,
@@ -177,8 +184,9 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         **trainer_precision_args(precision, lora=cfg.lora is not None),
     )
     nonfinite = NonFiniteCallback("reward")
+    train_ds = datasets.Dataset.from_list(with_lengths(train_rows))
     trainer = RewardTrainer(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows), processing_class=tok,
+        model=model, args=args, train_dataset=train_ds, processing_class=tok,
         peft_config=peft_lora_config(cfg.lora, task_type="SEQ_CLS") if cfg.lora is not None else None,
         callbacks=[MetricsCallback(metrics, prefix="rm"), InterruptCallback(), nonfinite],
     )
