@@ -116,15 +116,15 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", default="data/constraints/prompts.jsonl")
     p.add_argument("--heldout", default="eval/constraints/heldout.jsonl")
     p.add_argument("--out", default="runs/distill_compare")
-    p.add_argument("--keep-layers", default="influence_15",
+    p.add_argument("--keep-layers", default="every_2nd",
                    help="every_2nd, every_3rd, first_K, influence_K or a JSON list")
     p.add_argument("--divergence", default="reverse_kl", choices=["reverse_kl", "forward_kl", "jsd"])
     p.add_argument("--estimator", default="full", choices=["full", "sampled"])
-    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--iterations", type=int, default=15)
     p.add_argument("--rollout-batch-size", type=int, default=16)
     p.add_argument("--minibatch-size", type=int, default=8)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bucket", type=int, default=8, help="positions per row of the by-position table")
