@@ -68,6 +68,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_table import print_ratio_table  # noqa: E402  (bench/, the script's own folder)
+
 MODEL = "smollm2-135m-instruct"
 
 
@@ -321,13 +323,7 @@ def print_table(figs: dict, kl: dict) -> None:
         if name in kl:
             f["heldout_reverse_kl"] = kl[name]["reverse_kl_per_token"]
             f["heldout_forward_kl"] = kl[name]["forward_kl_per_token"]
-    print(f"\n{'':<27}{'ours':>10}{'trl':>10}{'ours/trl':>10}")
-    for label, key, fmt in rows:
-        a = ours.get(key) if ours else None
-        b = trl.get(key) if trl else None
-        cell = lambda v: fmt.format(v) if v is not None else "-"  # noqa: E731
-        ratio = f"{a / b:.2f}" if a is not None and b else "-"
-        print(f"{label:<27}{cell(a):>10}{cell(b):>10}{ratio:>10}")
+    print_ratio_table(rows, ours, trl, "trl", 27)
     if "untrained" in kl:
         print(f"untrained student: held-out reverse KL/token {kl['untrained']['reverse_kl_per_token']:.4f}, "
               f"forward {kl['untrained']['forward_kl_per_token']:.4f} "

@@ -48,6 +48,8 @@ VENV_PACKAGES = ["torch==2.13.0", "trl==0.19.1", "transformers==4.53.3", "accele
 
 sys.path.insert(0, str(ROOT))
 
+from bench_table import print_ratio_table  # noqa: E402  (bench/, the script's own folder)
+
 
 def venv_python() -> Path:
     return VENV / "bin" / "python"
@@ -137,13 +139,7 @@ def print_table(ours: dict | None, trl: dict | None) -> None:
     for f in (ours, trl):
         if f and f.get("cpu_seconds_per_iteration"):
             f["tokens_per_cpu_s"] = f["tokens"] / f["cpu_seconds_per_iteration"]
-    print(f"\n{'':<22}{'ours':>10}{'trl 0.19':>10}{'ours/trl':>10}")
-    for label, key, fmt in rows:
-        a = ours.get(key) if ours else None
-        b = trl.get(key) if trl else None
-        cell = lambda v: fmt.format(v) if v is not None else "-"  # noqa: E731
-        ratio = f"{a / b:.2f}" if a is not None and b else "-"
-        print(f"{label:<22}{cell(a):>10}{cell(b):>10}{ratio:>10}")
+    print_ratio_table(rows, ours, trl, "trl 0.19", 22)
     for name, f in (("ours", ours), ("trl 0.19", trl)):
         if f:
             total = f["seconds_per_iteration"]
