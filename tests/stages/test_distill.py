@@ -20,6 +20,7 @@ from pipeline.onpolicy import (
     mask_after_eos,
     optimise,
     recompute_logprobs,
+    response_logits,
 )
 from pipeline.stages.distill import (
     DistillModels,
@@ -392,3 +393,48 @@ def test_distill_recipe_parses():
     recipe = load_recipe(ROOT / "recipes" / "distill.yaml")
     assert recipe.stages == ["distill"] and recipe.distill.student.from_teacher is not None
     check_config(recipe.distill, "recipes/distill.yaml")
+
+
+def test_full_reverse_kl_loss_and_gradient_match_trl_distillation_trainer():
+    """On one batch (a left-padded prompt, a response cut by EOS), our full-vocabulary reverse-KL loss and
+    its gradient equal TRL's DistillationTrainer loss (`beta = 1`: reverse KL, per-token mean)."""
+    trl_distill = pytest.importorskip("trl.trainer.distillation_trainer")
+    if not hasattr(trl_distill, "_chunked_divergence_loss"):
+        pytest.skip("this TRL has no _chunked_divergence_loss")
+
+    torch.manual_seed(0)
+    tok = build_tiny_tokenizer()
+    teacher = build_tiny_model(tok, n_layers=4, seed=1).eval()
+    student = build_tiny_model(tok, n_layers=2, seed=2).eval()
+    B, P, T, V = 3, 5, 6, student.config.vocab_size
+    q = torch.randint(3, V, (B, P))
+    qm = torch.ones(B, P, dtype=torch.long)
+    q[0, :2], qm[0, :2] = tok.pad_token_id, 0
+    r = torch.randint(3, V, (B, T))
+    rm = torch.ones(B, T, dtype=torch.bool)
+    r[1, 4:], rm[1, 4:] = tok.pad_token_id, False
+    batch = RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=torch.zeros(B, T),
+                         ended=torch.ones(B, dtype=torch.bool))
+    with torch.no_grad():
+        batch.teacher_logits = response_logits(teacher, batch)
+    ours, _ = distill_loss(response_logits(student, batch), batch.teacher_logits, rm, "reverse_kl", float(rm.sum()))
+    ours.backward()
+    g_ours = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+
+    ids, am = torch.cat([q, r], 1), torch.cat([qm, rm.long()], 1)
+
+    def completion_hidden(model):  # as DistillationTrainer._get_last_hidden_state
+        return model.base_model(input_ids=ids, attention_mask=am, use_cache=False).last_hidden_state[:, :-1][:, -T:]
+
+    with torch.no_grad():
+        h_teacher = completion_hidden(teacher)
+    theirs = trl_distill._chunked_divergence_loss(
+        completion_hidden(student), h_teacher, student.get_output_embeddings().weight,
+        teacher.get_output_embeddings().weight, rm.long(), beta=1.0, num_items_in_batch=rm.sum())[0]
+    theirs.backward()
+    g_theirs = [p.grad.clone() for p in student.parameters()]
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-4)
+    diff = sum(float((a - b).norm() ** 2) for a, b in zip(g_ours, g_theirs)) ** 0.5
+    scale = sum(float(b.norm() ** 2) for b in g_theirs) ** 0.5
+    assert scale > 0 and diff / scale < 1e-4
