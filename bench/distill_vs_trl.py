@@ -338,7 +338,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4, help="recipes/distill.yaml's")
+    ap.add_argument("--lr", type=float, default=5e-5, help="recipes/distill.yaml's")
     ap.add_argument("--keep-layers", default="every_2nd", help="every_2nd, first_K, ... or a list like 0,2,4")
     ap.add_argument("--prompts", default="data/constraints/prompts.jsonl")
     ap.add_argument("--heldout-file", default="eval/constraints/heldout.jsonl")
