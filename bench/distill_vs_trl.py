@@ -77,12 +77,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ordered_prompts(path: str, n: int) -> list:
-    """The first n prompt examples our PromptSampler (seed 0) hands out, in its order."""
+def ordered_prompts(path: str, n: int, seed: int = 0) -> list:
+    """The first n prompt examples our PromptSampler (`seed`) hands out, in its order."""
     from pipeline.data import load_rows, prompt_examples
     from pipeline.onpolicy import PromptSampler
 
-    return PromptSampler(prompt_examples(load_rows(path), path), seed=0).next(n)
+    return PromptSampler(prompt_examples(load_rows(path), path), seed=seed).next(n)
 
 
 def keep_layers_spec(s: str):
@@ -139,7 +139,7 @@ def side_ours(args, out: Path) -> dict:
 
     distill_stage.Throughput = CPUThroughput  # train_distill makes one per iteration
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     mcfg = model_config()
     precision = resolve_precision(mcfg)
     cfg = DistillConfig(
@@ -149,11 +149,11 @@ def side_ours(args, out: Path) -> dict:
         epochs=1, lr=args.lr, max_new_tokens=args.max_new_tokens, temperature=1.0, max_grad_norm=1.0,
         log_samples_every=0, checkpoint_every=0)
     models = build_models(Recipe(model=mcfg), cfg, precision)
-    # train_distill draws from PromptSampler(prompts, seed=0): these are the prompts TRL gets, in this order.
+    # train_distill draws from PromptSampler(prompts, seed=args.seed): the prompts TRL gets, in this order.
     from pipeline.data import load_rows, prompt_examples
 
     prompts = prompt_examples(load_rows(args.prompts), args.prompts)
-    hist = train_distill(models, prompts, cfg, precision, out / "stage", seed=0, progress=False, resume=False)
+    hist = train_distill(models, prompts, cfg, precision, out / "stage", seed=args.seed, progress=False, resume=False)
     steps = [{"generate_s": h["distill/time_generate_s"],
               "update_s": h.get("distill/time_label_s", 0.0) + h["distill/time_train_s"],
               "label_s": h.get("distill/time_label_s", 0.0), "train_s": h["distill/time_train_s"],
@@ -179,17 +179,17 @@ def side_trl(args, out: Path) -> dict:
     from pipeline.models import resolve_model_path
     from pipeline.stages.distill import choose_layers, student_from_teacher
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model_dir = resolve_model_path(MODEL)
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).requires_grad_(False).eval()
     kept = choose_layers(teacher, keep_layers_spec(args.keep_layers))
     student = student_from_teacher(teacher, kept)
-    rows = ordered_prompts(args.prompts, args.steps * args.batch)
+    rows = ordered_prompts(args.prompts, args.steps * args.batch, args.seed)
     dataset = Dataset.from_dict({"prompt": [ex["prompt"] for ex in rows]})
     config = DistillationConfig(
-        output_dir=str(out / "trl_out"), report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=str(out / "trl_out"), report_to="none", save_strategy="no", disable_tqdm=True, seed=args.seed,
         logging_steps=1, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
         max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-5, optim="adamw_torch",
@@ -297,7 +297,7 @@ def run_side(side: str, args, tmp: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--side-out", str(out),
            "--steps", str(args.steps), "--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens),
-           "--lr", str(args.lr), "--keep-layers", args.keep_layers, "--prompts", args.prompts]
+           "--lr", str(args.lr), "--keep-layers", args.keep_layers, "--prompts", args.prompts, "--seed", str(args.seed)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     print(f"{side}: running {args.steps} steps ...", flush=True)
@@ -343,6 +343,7 @@ def main() -> None:
     ap.add_argument("--prompts", default="data/constraints/prompts.jsonl")
     ap.add_argument("--heldout-file", default="eval/constraints/heldout.jsonl")
     ap.add_argument("--heldout", type=int, default=32, help="held-out prompts (the file's first N); 0 skips")
+    ap.add_argument("--seed", type=int, default=0, help="prompt order and sampling streams, both sides")
     ap.add_argument("--only", choices=["ours", "trl"])
     ap.add_argument("--threads", type=int, help="torch threads in every process (default torch's); 1 makes the "
                     "CPU seconds a steadier measure of work on a busy machine")
