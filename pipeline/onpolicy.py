@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 import random
 import time
@@ -104,13 +105,29 @@ def model_inputs(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, re
     return input_ids, attention_mask, position_ids
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM under any DDP / peft wrapper takes `logits_to_keep` (transformers' LMs do)."""
+    m = getattr(model, "module", model)  # DDP
+    if hasattr(m, "get_base_model"):  # peft
+        m = m.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(m.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def response_logits(model, batch: RolloutBatch) -> Tensor:
-    """Logits that predict each response token: (B, T, V)."""
+    """Logits that predict each response token: (B, T, V). Only the last T + 1 positions go through the
+    output layer when the model allows it (prompt positions would cost a (P, V) projection for nothing)."""
     input_ids, attention_mask, position_ids = model_inputs(
         batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     P = batch.query_ids.shape[1]
     T = batch.response_ids.shape[1]
+    kwargs = {"logits_to_keep": T + 1} if accepts_logits_to_keep(model) else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                **kwargs)
+    if kwargs and out.logits.shape[1] == T + 1:
+        return out.logits[:, :T]
     return out.logits[:, P - 1:P + T - 1]
 
 

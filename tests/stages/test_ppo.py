@@ -187,3 +187,28 @@ def test_prompt_longer_than_context_is_refused_before_compute():
     check_prompt_lengths(tok, rows[:1], "p.jsonl", 512, 64)
     with pytest.raises(DataError, match=r"p.jsonl: row 2: the prompt is \d+ tokens; with max_new_tokens=64 it exceeds"):
         check_prompt_lengths(tok, rows, "p.jsonl", 128, 64)
+
+
+def test_response_logits_projects_only_response_positions_and_matches_full_logits(monkeypatch):
+    """With `logits_to_keep` (transformers' LMs, also under peft) the output layer sees only the last T + 1
+    positions; the logits equal the slice of the full-sequence logits."""
+    import pipeline.onpolicy as onpolicy
+    from peft import LoraConfig, get_peft_model
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok).eval()
+    assert onpolicy.accepts_logits_to_keep(model)
+    lora = get_peft_model(build_tiny_model(tok), LoraConfig(r=4, target_modules="all-linear"))
+    assert onpolicy.accepts_logits_to_keep(lora)
+    B, P, T, V = 2, 5, 4, model.config.vocab_size
+    torch.manual_seed(0)
+    qm = torch.ones(B, P, dtype=torch.long)
+    qm[0, :2] = 0
+    batch = RolloutBatch(query_ids=torch.randint(3, V, (B, P)), query_mask=qm, response_ids=torch.randint(3, V, (B, T)),
+                         response_mask=torch.ones(B, T, dtype=torch.bool), logprobs=torch.zeros(B, T),
+                         ended=torch.ones(B, dtype=torch.bool))
+    kept = onpolicy.response_logits(model, batch)
+    monkeypatch.setattr(onpolicy, "accepts_logits_to_keep", lambda m: False)
+    full = onpolicy.response_logits(model, batch)
+    assert kept.shape == full.shape == (B, T, V)
+    assert torch.allclose(kept, full, atol=1e-5)
