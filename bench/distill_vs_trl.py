@@ -53,7 +53,6 @@ speed or a quality.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -68,7 +67,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_table import print_ratio_table  # noqa: E402  (bench/, the script's own folder)
+from bench_common import CPUThroughput, print_ratio_table  # noqa: E402  (bench/, the script's own folder)
 
 MODEL = "smollm2-135m-instruct"
 
@@ -117,25 +116,8 @@ def side_ours(args, out: Path) -> dict:
     import pipeline.stages.distill as distill_stage
     from pipeline.config import DistillConfig, KeepLayersConfig, Recipe, StudentConfig
     from pipeline.models import resolve_precision
-    from pipeline.onpolicy import Throughput, unwrap_for_generation
+    from pipeline.onpolicy import unwrap_for_generation
     from pipeline.stages.distill import build_models, train_distill
-
-    timers: list = []
-
-    class CPUThroughput(Throughput):
-        """The stage's per-iteration timer, also keeping each part's process CPU seconds (all threads)."""
-
-        def __init__(self):
-            super().__init__()
-            self.cpu: dict[str, float] = {}
-            timers.append(self)
-
-        @contextlib.contextmanager
-        def time(self, name: str):
-            c = time.process_time()
-            with super().time(name):
-                yield
-            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
 
     distill_stage.Throughput = CPUThroughput  # train_distill makes one per iteration
 
@@ -160,7 +142,7 @@ def side_ours(args, out: Path) -> dict:
               "cpu_generate_s": t.cpu.get("generate", 0.0),
               "cpu_update_s": t.cpu.get("label", 0.0) + t.cpu.get("train", 0.0),
               "tokens": h["distill/response_length"] * args.batch, "loss": h["distill/loss"]}
-             for h, t in zip(hist, timers)]
+             for h, t in zip(hist, CPUThroughput.made)]
     unwrap_for_generation(models.student).save_pretrained(out / "student")
     return {**summarise(steps), "peak_rss_mb": peak_rss_mb(), "kept_layers": models.kept_layers}
 

@@ -13,7 +13,6 @@ on a machine shared with other jobs the CPU seconds still measure the work done,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import sys
@@ -28,26 +27,10 @@ from pipeline.config import LoraConfig, ModelConfig, PPOConfig, Recipe  # noqa: 
 from pipeline.data import load_rows, prompt_examples  # noqa: E402
 from pipeline.models import resolve_precision  # noqa: E402
 import pipeline.stages.ppo as ppo_stage  # noqa: E402
-from pipeline.onpolicy import Throughput, ValueModel  # noqa: E402
+from pipeline.onpolicy import ValueModel  # noqa: E402
 from pipeline.stages.ppo import PPOModels, build_models, train_ppo  # noqa: E402
 
-
-class CPUThroughput(Throughput):
-    """The stage's per-iteration timer, also keeping each part's process CPU seconds (all threads)."""
-
-    made: list["CPUThroughput"] = []
-
-    def __init__(self):
-        super().__init__()
-        self.cpu: dict[str, float] = {}
-        CPUThroughput.made.append(self)
-
-    @contextlib.contextmanager
-    def time(self, name: str):
-        c = time.process_time()
-        with super().time(name):
-            yield
-        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+from bench_common import CPUThroughput  # noqa: E402  (bench/, the script's own folder)
 
 
 def peak_rss_mb() -> float:

@@ -48,7 +48,7 @@ VENV_PACKAGES = ["torch==2.13.0", "trl==0.19.1", "transformers==4.53.3", "accele
 
 sys.path.insert(0, str(ROOT))
 
-from bench_table import print_ratio_table  # noqa: E402  (bench/, the script's own folder)
+from bench_common import print_ratio_table  # noqa: E402  (bench/, the script's own folder)
 
 
 def venv_python() -> Path:
