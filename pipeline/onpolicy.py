@@ -17,6 +17,7 @@ Tensors: query (B, P) left-padded; response (B, T) right-padded after the first 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import math
@@ -110,8 +111,14 @@ def accepts_logits_to_keep(model) -> bool:
     m = getattr(model, "module", model)  # DDP
     if hasattr(m, "get_base_model"):  # peft
         m = m.get_base_model()
+    return _forward_takes(type(m), "logits_to_keep")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes(cls: type, name: str) -> bool:
+    """Whether `cls.forward` has a parameter `name` (once per class: response_logits runs per micro-batch)."""
     try:
-        return "logits_to_keep" in inspect.signature(m.forward).parameters
+        return name in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 

@@ -11,7 +11,7 @@ Per-sequence tensors: scores (B,), e.g. the reward-model score of each response.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -88,16 +88,20 @@ REINFORCE_BASELINES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 def reinforce_advantages(
-    rewards: Tensor, mask: Tensor, gamma: float = 1.0, baseline: str = "none"
+    rewards: Tensor, mask: Tensor, gamma: float = 1.0, baseline: str = "none",
+    mean: Optional[Callable[[Tensor, Tensor], Any]] = None,
 ) -> Tensor:
     """REINFORCE with reward-to-go (causality) minus a baseline. (B, T) -> (B, T).
 
     baseline: "none" | "batch_mean" (masked mean of the reward-to-go over the whole batch).
+    mean: the masked mean used by "batch_mean" (default: over this tensor; under several processes,
+    one over the whole global batch).
     """
     if baseline not in REINFORCE_BASELINES:
         raise ValueError(f"unknown baseline {baseline!r}; choose one of {sorted(REINFORCE_BASELINES)}")
     returns = discounted_returns(rewards, mask, gamma)
-    return _zero_masked(returns - REINFORCE_BASELINES[baseline](returns, mask), mask)
+    reduce = mean if (mean is not None and baseline == "batch_mean") else REINFORCE_BASELINES[baseline]
+    return _zero_masked(returns - reduce(returns, mask), mask)
 
 
 def _leave_one_out_baseline(scores: Tensor, k: int) -> Tensor:

@@ -69,7 +69,7 @@ from ..rl import (
     kl_penalty,
     masked_mean,
     policy_loss,
-    discounted_returns,
+    reinforce_advantages,
     rloo_token_advantages,
     token_level_rewards,
     value_loss,
@@ -204,8 +204,8 @@ def make_rollout(models: PPOModels, reward, examples: list, cfg: PPOConfig, kl_c
         batch.returns = ret
     elif cfg.advantage == "reinforce":
         # Reward-to-go minus its mean over the whole rollout batch (all processes).
-        to_go = discounted_returns(batch.rewards, mask, cfg.gamma)
-        adv = torch.where(mask, to_go - gather_mean(to_go, mask, accelerator), 0.0)
+        adv = reinforce_advantages(batch.rewards, mask, cfg.gamma, baseline="batch_mean",
+                                   mean=lambda x, m: gather_mean(x, m, accelerator))
     else:
         adv = rloo_token_advantages(batch.rewards, mask, cfg.samples_per_prompt, cfg.gamma)
     batch.advantages = whiten_global(adv, mask, accelerator) if cfg.whiten_advantages else adv

@@ -107,6 +107,9 @@ def test_reinforce_advantages_baselines():
     assert torch.allclose(none, torch.tensor([[1.0, 1.0, 1.0], [3.0, 3.0, 0.0]]))
     mean = reinforce_advantages(rewards, mask, 1.0, "batch_mean")
     assert torch.allclose(mean, torch.tensor([[-0.8, -0.8, -0.8], [1.2, 1.2, 0.0]]))
+    # A given mean (e.g. over all processes' rows) replaces the local one: 2.0 -> [[-1]*3, [1, 1, 0]]
+    given = reinforce_advantages(rewards, mask, 1.0, "batch_mean", mean=lambda x, m: 2.0)
+    assert torch.allclose(given, torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 0.0]]))
     with pytest.raises(ValueError):
         reinforce_advantages(rewards, mask, 1.0, "critic")
 
