@@ -126,6 +126,8 @@ class RewardSourceConfig:
     kind: Literal["rm", "verifier"] = "rm"
     source: str = "reward"
     weight: float = 1.0
+    # verifier only: the share of the prompt's instructions passed (dense) instead of 1 when all pass.
+    partial: bool = False
 
 
 @dataclass

@@ -151,7 +151,7 @@ def build_reward(sources: Optional[list[RewardSourceConfig]], reward_from: str, 
     built = []
     for s in sources:
         if s.kind == "verifier":
-            built.append((s.weight, VerifierReward()))
+            built.append((s.weight, VerifierReward(partial=s.partial)))
         else:
             built.append((s.weight, RewardModelScorer(recipe.resolve_model_ref(s.source), recipe.model, precision)))
     if len(built) == 1 and built[0][0] == 1.0:

@@ -68,3 +68,16 @@ def test_verifier_and_weighted_sum():
         v.score(["plain prompt"], ["x"])
     w = WeightedSum([(2.0, v), (0.5, VerifierReward(partial=True))])
     assert w.score(rows, ["all good here", "Not lower", "a, b"]).tolist() == [2.5, 0.25, 0.25]
+
+
+def test_build_reward_passes_verifier_partial_from_the_recipe():
+    from types import SimpleNamespace
+
+    from pipeline.config import ModelConfig, RewardSourceConfig
+    from pipeline.rewards import build_reward
+
+    recipe = SimpleNamespace(model=ModelConfig())
+    dense = build_reward([RewardSourceConfig(kind="verifier", partial=True)], "reward", recipe)
+    strict = build_reward([RewardSourceConfig(kind="verifier")], "reward", recipe)
+    assert isinstance(dense, VerifierReward) and dense.partial
+    assert isinstance(strict, VerifierReward) and not strict.partial
