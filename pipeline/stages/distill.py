@@ -585,6 +585,18 @@ def log_samples(stage_dir: Path, it: int, batch: RolloutBatch, info: dict, n: in
 
 
 @torch.no_grad()
+def distinct_ngrams(texts: list[str], n: int = 4) -> Optional[float]:
+    """Mean over texts of (distinct word n-grams / n-grams): 1.0 for text that never repeats itself,
+    near 0 for degenerate loops ("a. a. a. ..."). Texts shorter than n words are skipped."""
+    ratios = []
+    for t in texts:
+        words = t.split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        if grams:
+            ratios.append(len(set(grams)) / len(grams))
+    return sum(ratios) / len(ratios) if ratios else None
+
+
 def heldout_eval(models: DistillModels, examples: list, cfg: DistillConfig, precision: Precision,
                  progress: bool = False) -> dict:
     """Greedy answers of teacher and student -> pass rates; exact reverse / forward KL(student, teacher)
@@ -618,7 +630,7 @@ def heldout_eval(models: DistillModels, examples: list, cfg: DistillConfig, prec
                     sums[k][:per_pos.shape[0]] += per_pos
                 counts[:w.shape[1]] += w.sum(0)
         out[name] = {"pass_rate": pass_rate(examples, texts), "response_length": sum(lengths) / len(lengths),
-                     "eos_share": sum(ended) / len(ended)}
+                     "eos_share": sum(ended) / len(ended), "distinct_4grams": distinct_ngrams(texts, 4)}
         for i, t in enumerate(texts[:5]):
             if name == "teacher":
                 samples.append({"prompt": examples[i]["prompt"][-1]["content"], "teacher": t})

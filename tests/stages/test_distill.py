@@ -438,3 +438,12 @@ def test_full_reverse_kl_loss_and_gradient_match_trl_distillation_trainer():
     diff = sum(float((a - b).norm() ** 2) for a, b in zip(g_ours, g_theirs)) ** 0.5
     scale = sum(float(b.norm() ** 2) for b in g_theirs) ** 0.5
     assert scale > 0 and diff / scale < 1e-4
+
+
+def test_distinct_ngrams_hand_computed():
+    from pipeline.stages.distill import distinct_ngrams
+
+    # "a b a b a": 2-grams ab ba ab ba -> 2 distinct of 4; "x y z": 2 of 2; "w": no 2-gram, skipped.
+    assert distinct_ngrams(["a b a b a", "x y z", "w"], n=2) == pytest.approx((0.5 + 1.0) / 2)
+    assert distinct_ngrams(["a. a. a. a. a."], n=4) == pytest.approx(1 / 2)
+    assert distinct_ngrams(["too short"], n=4) is None
