@@ -598,37 +598,51 @@ def distinct_ngrams(texts: list[str], n: int = 4) -> Optional[float]:
 
 
 def heldout_eval(models: DistillModels, examples: list, cfg: DistillConfig, precision: Precision,
-                 progress: bool = False) -> dict:
-    """Greedy answers of teacher and student -> pass rates; exact reverse / forward KL(student, teacher)
-    at the states of the student's greedy answers: per token, and the reverse KL at each position t
-    (mean over the prompts whose answer reaches t)."""
+                 progress: bool = False, seed: int = 0) -> dict:
+    """Held-out figures of teacher and student.
+
+    Pass rates, lengths, EOS share and distinct 4-grams: greedy answers (as the eval stage decodes).
+    KL: the per-token reverse KL(student || teacher) is E_{y ~ student} of the exact KL at each visited
+    state, so it is measured on the student's own *samples* (temperature 1, seeded; `reverse_kl_per_token`,
+    `forward_kl_per_token`, and by position t = 1, 2, ... as the mean over the prompts whose answer reaches
+    t). The same exact KLs at the states of the greedy answers are reported too (`*_greedy`): a greedy
+    loop that the teacher would also repeat scores a low KL there, so they flatter degenerate students."""
     tok, V = models.tokenizer, models.vocab_size
     device = next(models.student.parameters()).device
-    settings, bs = SamplingSettings(cfg.max_new_tokens), cfg.rollout_batch_size
-    out: dict[str, Any] = {"prompts": len(examples), "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy"}
+    bs = cfg.rollout_batch_size
+    out: dict[str, Any] = {"prompts": len(examples), "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
+                           "kl_states": "student samples at temperature 1"}
     T = cfg.max_new_tokens
-    sums = {k: torch.zeros(T, dtype=torch.float64) for k in ("reverse_kl", "forward_kl")}
-    counts = torch.zeros(T, dtype=torch.float64)
+    acc = {mode: ({k: torch.zeros(T, dtype=torch.float64) for k in ("reverse_kl", "forward_kl")},
+                  torch.zeros(T, dtype=torch.float64)) for mode in ("sampled", "greedy")}
+
+    def add_kl(mode: str, q: Tensor, qm: Tensor, r: Tensor, rm: Tensor, e: Tensor) -> None:
+        batch = RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=None, ended=e)
+        labels = label_states(models, batch, 1.0, cfg.micro_batch_size, precision)
+        sums, counts = acc[mode]
+        for k in sums:
+            per_pos = torch.where(rm, getattr(labels, k), 0.0).double().sum(0)
+            sums[k][:per_pos.shape[0]] += per_pos
+        counts[:rm.shape[1]] += rm.double().sum(0)
+
     samples = []
     for name, model in (("teacher", models.teacher), ("student", models.student)):
         texts, lengths, ended = [], [], []
         for start in tqdm(range(0, len(examples), bs), desc=f"held-out {name}", disable=not progress):
             rows = examples[start:start + bs]
             q, qm = encode_prompts(tok, rows, device)
-            r, rm, e = sample_responses(model, tok, q, qm, settings, precision.autocast_ctx(), greedy=True,
-                                        vocab_size=V)
+            r, rm, e = sample_responses(model, tok, q, qm, SamplingSettings(T), precision.autocast_ctx(),
+                                        greedy=True, vocab_size=V)
             texts += tok.batch_decode([ids[m].tolist() for ids, m in zip(r, rm)], skip_special_tokens=True)
             lengths += rm.sum(-1).tolist()
             ended += e.tolist()
             if name == "student":
-                batch = RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=None,
-                                     ended=e)
-                labels = label_states(models, batch, 1.0, cfg.micro_batch_size, precision)
-                w = rm.double()
-                for k in sums:
-                    per_pos = torch.where(rm, getattr(labels, k), 0.0).double().sum(0)
-                    sums[k][:per_pos.shape[0]] += per_pos
-                counts[:w.shape[1]] += w.sum(0)
+                add_kl("greedy", q, qm, r, rm, e)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(seed * 100_003 + start)
+                    rs, rms, es = sample_responses(model, tok, q, qm, SamplingSettings(T, temperature=1.0),
+                                                   precision.autocast_ctx(), greedy=False, vocab_size=V)
+                add_kl("sampled", q, qm, rs, rms, es)
         out[name] = {"pass_rate": pass_rate(examples, texts), "response_length": sum(lengths) / len(lengths),
                      "eos_share": sum(ended) / len(ended), "distinct_4grams": distinct_ngrams(texts, 4)}
         for i, t in enumerate(texts[:5]):
@@ -636,12 +650,14 @@ def heldout_eval(models: DistillModels, examples: list, cfg: DistillConfig, prec
                 samples.append({"prompt": examples[i]["prompt"][-1]["content"], "teacher": t})
             else:
                 samples[i]["student"] = t
-    n = max(float(counts.sum()), 1.0)
-    out["reverse_kl_per_token"] = float(sums["reverse_kl"].sum()) / n
-    out["forward_kl_per_token"] = float(sums["forward_kl"].sum()) / n
-    reached = int((counts > 0).sum())
-    out["reverse_kl_by_position"] = (sums["reverse_kl"][:reached] / counts[:reached]).tolist()
-    out["prompts_by_position"] = [int(c) for c in counts[:reached].tolist()]
+    for mode, suffix in (("sampled", ""), ("greedy", "_greedy")):
+        sums, counts = acc[mode]
+        n = max(float(counts.sum()), 1.0)
+        out[f"reverse_kl_per_token{suffix}"] = float(sums["reverse_kl"].sum()) / n
+        out[f"forward_kl_per_token{suffix}"] = float(sums["forward_kl"].sum()) / n
+        reached = int((counts > 0).sum())
+        out[f"reverse_kl_by_position{suffix}"] = (sums["reverse_kl"][:reached] / counts[:reached]).tolist()
+        out[f"prompts_by_position{suffix}"] = [int(c) for c in counts[:reached].tolist()]
     t_rate, s_rate = out["teacher"]["pass_rate"], out["student"]["pass_rate"]
     if t_rate is not None and s_rate is not None and t_rate > 0:
         out["pass_rate_ratio"] = s_rate / t_rate
@@ -690,7 +706,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
             summary[f"{k}_last5_mean"] = sum(vals) / len(vals)
     if heldout and accelerator.is_main_process:  # the other processes' summaries are not written
         log(f"distill: held-out evaluation on {len(heldout)} prompts from {spec}")
-        result = heldout_eval(models, heldout, cfg, precision, progress=True)
+        result = heldout_eval(models, heldout, cfg, precision, progress=True, seed=recipe.run.seed)
         result["prompts_file"] = spec
         atomic_write_json(stage_dir / "heldout.json", result)
         summary.update({
@@ -698,6 +714,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
             "heldout_student_pass_rate": result["student"]["pass_rate"],
             "heldout_pass_rate_ratio": result.get("pass_rate_ratio"),
             "heldout_reverse_kl": result["reverse_kl_per_token"],
+            "heldout_reverse_kl_greedy": result["reverse_kl_per_token_greedy"],
             "heldout_forward_kl": result["forward_kl_per_token"],
             "heldout_reverse_kl_by_position": result["reverse_kl_by_position"],
         })

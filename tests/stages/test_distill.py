@@ -327,6 +327,12 @@ def test_distill_run_lowers_reverse_kl_to_the_teacher(tmp_path):
     last = sum(h["distill/reverse_kl"] for h in hist[-3:]) / 3
     assert last < 0.5 * first, (first, last)
     assert len(after["reverse_kl_by_position"]) == 12 and after["prompts_by_position"][0] == len(heldout)
+    # The KLs are taken on seeded student samples: the same seed gives the same figures, another seed others;
+    # the greedy-state figures do not depend on the seed.
+    again, other = heldout_eval(models, heldout, cfg, PREC), heldout_eval(models, heldout, cfg, PREC, seed=1)
+    assert again["reverse_kl_per_token"] == after["reverse_kl_per_token"]
+    assert other["reverse_kl_per_token"] != after["reverse_kl_per_token"]
+    assert other["reverse_kl_per_token_greedy"] == pytest.approx(after["reverse_kl_per_token_greedy"])
     for key in ("distill/loss", "distill/reverse_kl", "distill/forward_kl", "distill/beta", "distill/teacher_share",
                 "distill/tokens_per_s", "distill/response_length"):
         assert key in hist[-1], key
