@@ -23,10 +23,11 @@ Per iteration i (numbered as in `train_distill`):
        r_t = -(log pi_s(a_t) - log pi_t(a_t)) with discount 0 (advantage = r_t, no baseline) in the PPO
        clipped policy-gradient loss (`rl.policy_loss`), as in on-policy distillation (Agarwal et al. 2024
        "GKD"; Thinking Machines, "On-Policy Distillation", 2025).
-At the end: greedy teacher and student answers on held-out prompts -> checker pass rates, and the exact
-reverse / forward KL of the student to the teacher at the states of the student's own greedy answers,
-per token and at each response position 1..T (do errors compound along the sequence?), in
-`heldout.json` and the summary. The student is saved to `final/` (plain transformers loads it).
+At the end: greedy teacher and student answers on held-out prompts -> checker pass rates and distinct
+4-grams; and the exact reverse / forward KL of the student to the teacher at every state of the student's
+own samples (temperature 1, seeded: the per-token reverse KL of its sequence distribution), per token and
+at each response position 1..T (do errors compound along the sequence?), in `heldout.json` and the
+summary (the same at the states of the greedy answers as `*_greedy`). The student is saved to `final/` (plain transformers loads it).
 
 Departures from DAgger as written in BACKGROUND.md, each deliberate:
   - the mixture is per sequence, not per state: every row has one behaviour policy, so its log-probs are
