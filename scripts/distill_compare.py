@@ -2,8 +2,7 @@
 
     python scripts/distill_compare.py                      # teacher: newest runs/*/sft/final, else the default model
     python scripts/distill_compare.py --teacher runs/quickstart/ppo/final --out runs/distill_compare
-    python scripts/distill_compare.py --only on_policy & python scripts/distill_compare.py --only off_policy; wait
-    python scripts/distill_compare.py                      # then: both runs are reused, the table printed
+    python scripts/distill_compare.py --eval-only          # redo only the held-out evaluation of the saved students
 
 A student is built from the teacher's layers (`--keep-layers`, default influence_15: the 15 of SmolLM2's 30
 layers with the highest Block Influence) and warmed up by forward KL on teacher samples
@@ -16,8 +15,8 @@ Both get the same budget: iterations x rollout batch x max_new_tokens sampled to
 produced, up to EOS, are printed too). Each run is an ordinary run directory under --out
 (`<out>/warm_start`, `<out>/on_policy`, `<out>/off_policy`).
 Prints held-out pass rates of teacher and students, the per-token reverse / forward KL of each student to
-the teacher at the states of its own greedy answers, and the reverse KL by response position (buckets of
-8 tokens), where compounding errors show up as a curve rising along the sequence.
+the teacher at the states of its own samples (and of its greedy answers), and the reverse KL by response
+position (buckets of 8 tokens), where compounding errors show up as a curve rising along the sequence.
 """
 
 from __future__ import annotations
@@ -76,9 +75,10 @@ def run_or_reevaluate(recipe, eval_only: bool) -> tuple[dict, dict]:
     summary = json.loads((stage_dir / "summary.json").read_text())
     cfg = recipe.distill
     cfg.student.name_or_path, cfg.student.from_teacher = str(stage_dir / "final"), None
-    models = build_models(recipe, cfg, resolve_precision(recipe.model))
+    precision = resolve_precision(recipe.model)
+    models = build_models(recipe, cfg, precision)
     result = heldout_eval(models, prompt_examples(load_rows(cfg.heldout_prompts), cfg.heldout_prompts), cfg,
-                          resolve_precision(recipe.model), progress=True, seed=recipe.run.seed)
+                          precision, progress=True, seed=recipe.run.seed)
     result["prompts_file"] = cfg.heldout_prompts
     atomic_write_json(stage_dir / "heldout.json", result)
     return summary, result
@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-only", action="store_true",
                    help="do not train: redo the held-out evaluation of the students the runs under --out saved")
     p.add_argument("--only", choices=["on_policy", "off_policy"],
-                   help="train one student and stop (run the two in parallel, then once more to print the table)")
+                   help="train the warm start and one student, then stop (not in parallel: both would write the warm "
+                   "start; --eval-only afterwards prints the table)")
     args = p.parse_args(argv)
     args.teacher = args.teacher or default_teacher()
     print(f"teacher: {args.teacher}", flush=True)

@@ -27,7 +27,8 @@ At the end: greedy teacher and student answers on held-out prompts -> checker pa
 4-grams; and the exact reverse / forward KL of the student to the teacher at every state of the student's
 own samples (temperature 1, seeded: the per-token reverse KL of its sequence distribution), per token and
 at each response position 1..T (do errors compound along the sequence?), in `heldout.json` and the
-summary (the same at the states of the greedy answers as `*_greedy`). The student is saved to `final/` (plain transformers loads it).
+summary (the same at the states of the greedy answers as `*_greedy`). The student is saved to `final/`
+(plain transformers loads it).
 
 Departures from DAgger as written in BACKGROUND.md, each deliberate:
   - the mixture is per sequence, not per state: every row has one behaviour policy, so its log-probs are
@@ -585,7 +586,6 @@ def log_samples(stage_dir: Path, it: int, batch: RolloutBatch, info: dict, n: in
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def distinct_ngrams(texts: list[str], n: int = 4) -> Optional[float]:
     """Mean over texts of (distinct word n-grams / n-grams): 1.0 for text that never repeats itself,
     near 0 for degenerate loops ("a. a. a. ..."). Texts shorter than n words are skipped."""
@@ -598,6 +598,7 @@ def distinct_ngrams(texts: list[str], n: int = 4) -> Optional[float]:
     return sum(ratios) / len(ratios) if ratios else None
 
 
+@torch.no_grad()
 def heldout_eval(models: DistillModels, examples: list, cfg: DistillConfig, precision: Precision,
                  progress: bool = False, seed: int = 0) -> dict:
     """Held-out figures of teacher and student.
