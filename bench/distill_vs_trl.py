@@ -29,9 +29,9 @@ Matched on both sides:
     lr, betas (0.9, 0.999), eps 1e-5, weight decay 0, constant lr (no warm-up), gradient clipping at 1.0;
     `--steps` steps.
 Known differences in the work done, not equalised (they are part of what is compared):
-  - ours runs a no-grad "label" pass (teacher AND student forwards, full logits kept) before the update: it
-    gives the logged per-token KLs / entropy and the behaviour log-probs, then the update runs the student
-    forward again with gradients; TRL runs the teacher forward inside the loss and never a no-grad student pass;
+  - ours runs a no-grad "label" pass of the teacher (full logits kept) before the update, TRL runs the teacher
+    forward inside the loss; neither runs a no-grad student pass (ours takes the logged per-token KLs /
+    entropy from the update's forward, `stages.distill.StateStats`; before that change it ran one);
   - TRL computes the divergence from the hidden states through the lm_head in vocabulary chunks (never the
     full (B, T, V) logits); ours materialises the logits;
   - the sampled responses differ (different RNG streams), so response lengths and tokens per step differ;

@@ -58,6 +58,8 @@ class RolloutBatch:
     returns: Optional[Tensor] = None
     from_teacher: Optional[Tensor] = None  # (B,) bool, distillation mixture: which model sampled
     teacher_logits: Optional[Tensor] = None  # (B, T, V) distillation: the teacher's logits at each visited state
+    rows: Optional[Tensor] = None  # (B,) each row's index in the rollout batch (kept by `index`: a loss can
+                                   # record per-row figures from its own forward)
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]

@@ -13,7 +13,9 @@ Per iteration i (numbered as in `train_distill`):
      beta = 1 is off-policy distillation on teacher samples;
   3. label: one teacher forward gives its logits at every visited state; the behaviour log-probs are
      the SAMPLER's (the teacher's on teacher rows), so the sampled estimator's ratio
-     pi_student / pi_behaviour corrects for the mixture;
+     pi_student / pi_behaviour corrects for the mixture. The full estimator needs no behaviour log-probs:
+     it runs no no-grad student forward here, and the logged student KLs / entropy come from the update's
+     own forward (`StateStats`);
   4. update through `onpolicy.optimise` (the same minibatch / micro-batch / token-normalised loop as PPO):
      - `estimator: full`: the exact per-token divergence over the whole vocabulary at each visited
        state, summed over counted tokens / the minibatch's `n_tokens`. `divergence`: reverse_kl
@@ -341,7 +343,11 @@ def sampled_rewards(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Te
     return torch.where(mask.bool(), r, torch.zeros((), dtype=r.dtype, device=r.device))
 
 
-def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision):
+def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision,
+                 recorder: Optional["StateStats"] = None):
+    """The update's loss. With a `recorder` (full estimator), the student's exact KLs and entropy at each
+    row's states are taken from this training forward (detached, at a row's first visit), so the rollout
+    needs no separate no-grad student pass."""
     V = models.vocab_size
 
     def full_loss(mb: RolloutBatch, n_tokens: float):
@@ -349,6 +355,8 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
             logits = response_logits(models.student, mb)[..., :V]
         loss, per_token = distill_loss(logits, mb.teacher_logits[..., :V], mb.response_mask, cfg.divergence,
                                        n_tokens, cfg.temperature, cfg.jsd_beta)
+        if recorder is not None:
+            recorder.record(mb.rows, logits.detach(), mb.teacher_logits[..., :V])
         return loss, {"distill/divergence": masked_mean(per_token.detach(), mb.response_mask)}
 
     def sampled_loss(mb: RolloutBatch, n_tokens: float):
@@ -370,32 +378,79 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
 class StateLabels:
     teacher_logits: Tensor  # (B, T, V)
     teacher_logprobs: Tensor  # (B, T) at the sampling temperature
-    student_logprobs: Tensor  # (B, T) at the sampling temperature
-    reverse_kl: Tensor  # (B, T) exact KL(student || teacher) at temperature 1
-    forward_kl: Tensor  # (B, T) exact KL(teacher || student) at temperature 1
-    entropy: Tensor  # (B, T) the student's entropy at temperature 1 (near 0: collapsed to one token)
+    # The student's side; None when `label_states` ran without the student (the full estimator's rollouts).
+    student_logprobs: Optional[Tensor] = None  # (B, T) at the sampling temperature
+    reverse_kl: Optional[Tensor] = None  # (B, T) exact KL(student || teacher) at temperature 1
+    forward_kl: Optional[Tensor] = None  # (B, T) exact KL(teacher || student) at temperature 1
+    entropy: Optional[Tensor] = None  # (B, T) the student's entropy at temperature 1 (near 0: collapsed)
+
+
+def student_state_figures(s_logits: Tensor, t_logits: Tensor) -> dict[str, Tensor]:
+    """Exact per-token reverse / forward KL to the teacher and the student's entropy, at temperature 1."""
+    return {"reverse_kl": reverse_kl_full(s_logits, t_logits), "forward_kl": forward_kl_full(s_logits, t_logits),
+            "entropy": entropy_from_logits(s_logits)}
 
 
 @torch.no_grad()
 def label_states(models: DistillModels, batch: RolloutBatch, temperature: float, micro_batch_size: int,
-                 precision: Precision) -> StateLabels:
-    """Teacher and student forwards over every visited state (the training forward: left padding,
-    position ids from the mask), in micro-batches."""
+                 precision: Precision, student: bool = True) -> StateLabels:
+    """Teacher (and, with `student`, student) forwards over every visited state (the training forward:
+    left padding, position ids from the mask), in micro-batches."""
     V, parts = models.vocab_size, []
-    student = unwrap_for_generation(models.student)  # not the DDP wrapper: no collectives in no-grad forwards
+    s_model = unwrap_for_generation(models.student)  # not the DDP wrapper: no collectives in no-grad forwards
     for start in range(0, len(batch), micro_batch_size):
         mb = batch.index(torch.arange(start, min(start + micro_batch_size, len(batch))))
         with precision.autocast_ctx():
-            s_logits = response_logits(student, mb)[..., :V]
             t_logits = response_logits(models.teacher, mb)[..., :V]
-        parts.append(StateLabels(
-            teacher_logits=t_logits,
-            teacher_logprobs=logprobs_from_logits(t_logits, mb.response_ids, temperature),
-            student_logprobs=logprobs_from_logits(s_logits, mb.response_ids, temperature),
-            reverse_kl=reverse_kl_full(s_logits, t_logits),
-            forward_kl=forward_kl_full(s_logits, t_logits),
-            entropy=entropy_from_logits(s_logits)))
-    return StateLabels(*(torch.cat([getattr(p, f) for p in parts]) for f in StateLabels.__dataclass_fields__))
+            s_logits = response_logits(s_model, mb)[..., :V] if student else None
+        part = StateLabels(teacher_logits=t_logits,
+                           teacher_logprobs=logprobs_from_logits(t_logits, mb.response_ids, temperature))
+        if student:
+            part.student_logprobs = logprobs_from_logits(s_logits, mb.response_ids, temperature)
+            for k, v in student_state_figures(s_logits, t_logits).items():
+                setattr(part, k, v)
+        parts.append(part)
+    return StateLabels(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+                         for f in StateLabels.__dataclass_fields__))
+
+
+class StateStats:
+    """The student's per-token reverse / forward KL and entropy at every state of a rollout batch, recorded
+    by the full estimator's loss from its own training forward (`make_loss_fn(recorder=...)`): each row at
+    its first visit, i.e. before any update in a single-minibatch epoch, after the earlier minibatches' steps
+    otherwise. Replaces the no-grad student forward of `label_states`, the same figures for one forward less."""
+
+    def __init__(self, batch: RolloutBatch):
+        B, T = batch.response_ids.shape
+        dev = batch.response_ids.device
+        self.reverse_kl, self.forward_kl, self.entropy = (torch.zeros(B, T, device=dev) for _ in range(3))
+        self.seen = torch.zeros(B, dtype=torch.bool, device=dev)
+
+    @torch.no_grad()
+    def record(self, rows: Tensor, s_logits: Tensor, t_logits: Tensor) -> None:
+        new = ~self.seen[rows]
+        if not new.any():
+            return
+        idx = rows[new]
+        for k, v in student_state_figures(s_logits[new], t_logits[new]).items():
+            getattr(self, k)[idx, :v.shape[1]] = v.float()
+        self.seen[idx] = True
+
+
+def state_stats(batch: RolloutBatch, reverse_kl: Tensor, forward_kl: Tensor, entropy: Tensor
+                ) -> tuple[dict[str, float], list[float]]:
+    """-> (the logged per-token KLs / entropy, on the student's own rows and on the teacher's rows;
+    each row's mean reverse KL per token)."""
+    mask, teacher_rows = batch.response_mask, batch.from_teacher[:, None]
+    stats = {}
+    for suffix, rows in (("", ~teacher_rows), ("_teacher_rows", teacher_rows)):
+        rows_mask = mask & rows
+        if rows_mask.any():
+            stats[f"distill/reverse_kl{suffix}"] = float(masked_mean(reverse_kl, rows_mask))
+            stats[f"distill/forward_kl{suffix}"] = float(masked_mean(forward_kl, rows_mask))
+            stats[f"distill/entropy{suffix}"] = float(masked_mean(entropy, rows_mask))
+    row_kl = (torch.where(mask, reverse_kl, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+    return stats, row_kl
 
 
 def mixture_coins(n: int, beta: float, generator: torch.Generator) -> Tensor:
@@ -406,10 +461,15 @@ def mixture_coins(n: int, beta: float, generator: torch.Generator) -> Tensor:
 @torch.no_grad()
 def make_rollout(models: DistillModels, examples: list, cfg: DistillConfig, beta: float, precision: Precision,
                  timer: Throughput, generator: torch.Generator, generation: Optional[Generation] = None,
-                 from_teacher: Optional[Tensor] = None) -> tuple[RolloutBatch, dict]:
-    """Sample from the per-sequence mixture and label the visited states. -> (batch, {"stats", "texts"}).
-    `from_teacher`: this process's coins (drawn from `generator` for `examples` when omitted);
-    `generation`: engine, chunks and seeds (default: HF `generate`, all rows at once, global RNG stream)."""
+                 from_teacher: Optional[Tensor] = None, student_pass: bool = True) -> tuple[RolloutBatch, dict]:
+    """Sample from the per-sequence mixture and label the visited states. -> (batch, {"stats", "texts",
+    "row_reverse_kl"}). `from_teacher`: this process's coins (drawn from `generator` for `examples` when
+    omitted); `generation`: engine, chunks and seeds (default: HF `generate`, all rows at once, global RNG
+    stream). `student_pass=False` (full estimator only): no no-grad student forward; the batch then has no
+    behaviour log-probs (the full loss needs none) and the student's KLs / entropy are left to the update's
+    forward (`StateStats`), so the stats lack them and "row_reverse_kl" is missing."""
+    if not student_pass and cfg.estimator != "full":
+        raise ValueError("the sampled estimator needs the student's behaviour log-probs (student_pass=True)")
     tok, device = models.tokenizer, next(models.student.parameters()).device
     gen = generation or Generation()
     coins = (mixture_coins(len(examples), beta, generator) if from_teacher is None else from_teacher).tolist()
@@ -426,11 +486,13 @@ def make_rollout(models: DistillModels, examples: list, cfg: DistillConfig, beta
                 part.from_teacher = torch.full((len(rows),), flag, dtype=torch.bool, device=device)
                 parts.append(part)
     batch = concat_batches(parts, tok.pad_token_id)
+    batch.rows = torch.arange(len(batch), device=device)
     with timer.time("label"):
-        labels = label_states(models, batch, cfg.temperature, cfg.micro_batch_size, precision)
+        labels = label_states(models, batch, cfg.temperature, cfg.micro_batch_size, precision, student_pass)
     mask, teacher_rows = batch.response_mask, batch.from_teacher[:, None]
     # Behaviour log-probs are the sampler's: the teacher's on teacher rows, the student's on the others.
-    batch.logprobs = torch.where(teacher_rows, labels.teacher_logprobs, labels.student_logprobs)
+    if student_pass:
+        batch.logprobs = torch.where(teacher_rows, labels.teacher_logprobs, labels.student_logprobs)
     batch.teacher_logprobs = labels.teacher_logprobs
     if cfg.estimator == "full":
         batch.teacher_logits = labels.teacher_logits
@@ -445,21 +507,19 @@ def make_rollout(models: DistillModels, examples: list, cfg: DistillConfig, beta
         "distill/response_length": float(mask.sum(-1).float().mean()),
         "distill/eos_share": float(batch.ended.float().mean()),
     }
-    # Exact per-token KLs to the teacher (temperature 1), on the student's own samples and on the teacher's.
-    for suffix, rows in (("", ~teacher_rows), ("_teacher_rows", teacher_rows)):
-        rows_mask = mask & rows
-        if rows_mask.any():
-            stats[f"distill/reverse_kl{suffix}"] = float(masked_mean(labels.reverse_kl, rows_mask))
-            stats[f"distill/forward_kl{suffix}"] = float(masked_mean(labels.forward_kl, rows_mask))
-            stats[f"distill/entropy{suffix}"] = float(masked_mean(labels.entropy, rows_mask))
+    info: dict[str, Any] = {"texts": texts}
+    if student_pass:
+        # Exact per-token KLs to the teacher (temperature 1), on the student's own samples and on the teacher's.
+        kl_stats, info["row_reverse_kl"] = state_stats(batch, labels.reverse_kl, labels.forward_kl, labels.entropy)
+        stats.update(kl_stats)
     if cfg.estimator == "sampled":
         stats["distill/reward"] = float(masked_mean(batch.rewards, mask))
     student_rows = [i for i, f in enumerate(batch.from_teacher.tolist()) if not f]
     rate = pass_rate([batch.prompts[i] for i in student_rows], [texts[i] for i in student_rows])
     if rate is not None:
         stats["distill/pass_rate"] = rate
-    row_kl = (torch.where(mask, labels.reverse_kl, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
-    return batch, {"stats": stats, "texts": texts, "row_reverse_kl": row_kl}
+    info["stats"] = stats
+    return batch, info
 
 
 def pass_rate(rows: list, texts: list[str]) -> Optional[float]:
@@ -499,7 +559,9 @@ def train_distill(models: DistillModels, prompts: list, cfg: DistillConfig, prec
     mixture = torch.Generator().manual_seed(seed + 1)  # the per-sequence teacher/student coins
     update = UpdateSettings(cfg.epochs, cfg.minibatch_size // world, cfg.micro_batch_size, cfg.max_grad_norm)
     local_rows = cfg.rollout_batch_size // world
-    loss_fn = make_loss_fn(models, cfg, precision)
+    # Full estimator: the student's KLs / entropy come from the update's own forward (StateStats), not from
+    # a separate no-grad student pass over the rollout (one student forward per iteration less).
+    student_pass = cfg.estimator != "full"
     ckpt_root = stage_dir / "checkpoints"
     ckpt_models = {"student": unwrap_for_generation(models.student)}
     generators = {"shuffle": shuffle, "mixture": mixture}
@@ -528,10 +590,16 @@ def train_distill(models: DistillModels, prompts: list, cfg: DistillConfig, prec
         gen = Generation(engine, cfg.generation_batch_size,
                          chunk_seed(seed, it) if cfg.generation_batch_size else None, rank * local_rows)
         batch, info = make_rollout(models, shard(sampler.next(cfg.rollout_batch_size), rank, world), cfg, beta,
-                                   precision, timer, mixture, gen, shard(coins, rank, world))
+                                   precision, timer, mixture, gen, shard(coins, rank, world), student_pass)
         # 4. update the student on this batch through the shared loop.
+        recorder = None if student_pass else StateStats(batch)
+        loss_fn = make_loss_fn(models, cfg, precision, recorder)
         with timer.time("train"):
             upd = optimise(batch, loss_fn, optimizer, params, update, shuffle, accelerator, models=(models.student,))
+        if recorder is not None:
+            kl_stats, info["row_reverse_kl"] = state_stats(batch, recorder.reverse_kl, recorder.forward_kl,
+                                                           recorder.entropy)
+            info["stats"].update(kl_stats)
         stats = dict(info["stats"])
         stats.update({k: v for k, v in upd.items() if k.startswith("distill/")})
         stats["distill/loss"] = upd.get("loss", float("nan"))

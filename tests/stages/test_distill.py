@@ -31,8 +31,10 @@ from pipeline.stages.distill import (
     heldout_eval,
     keep_layer_indices,
     make_loss_fn,
+    StateStats,
     make_rollout,
     sampled_rewards,
+    state_stats,
     student_from_teacher,
     train_distill,
 )
@@ -362,6 +364,37 @@ def test_minibatch_split_into_micro_batches_gives_the_same_update():
                  torch.Generator().manual_seed(0))
         results.append(torch.cat([p.detach().flatten() for p in params]))
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_kl_stats_from_the_update_forward_equal_the_label_pass(beta):
+    """Full estimator: the student's KLs / entropy recorded by the loss at its training forward (no separate
+    no-grad student pass) equal those of the label pass when the epoch is one minibatch (no step before)."""
+    torch.manual_seed(0)
+    models = tiny_pair()
+    cfg = cfg_for(beta=beta, micro_batch_size=3)
+    with_pass, info = make_rollout(models, PROMPTS[:8], cfg, beta, PREC, Throughput(),
+                                   torch.Generator().manual_seed(3))
+    torch.manual_seed(0)  # the same samples again, without the student pass
+    models2 = tiny_pair()
+    batch, info2 = make_rollout(models2, PROMPTS[:8], cfg, beta, PREC, Throughput(),
+                                torch.Generator().manual_seed(3), student_pass=False)
+    assert torch.equal(batch.response_ids, with_pass.response_ids) and batch.logprobs is None
+    assert "distill/reverse_kl" not in info2["stats"] and "row_reverse_kl" not in info2
+    recorder = StateStats(batch)
+    params = list(models2.student.parameters())
+    optimise(batch, make_loss_fn(models2, cfg, PREC, recorder), torch.optim.SGD(params, lr=1.0), params,
+             UpdateSettings(1, 8, 3, 1e9), torch.Generator().manual_seed(0))
+    assert recorder.seen.all()
+    stats, row_kl = state_stats(batch, recorder.reverse_kl, recorder.forward_kl, recorder.entropy)
+    assert set(stats) == {k for k in info["stats"] if k.startswith(("distill/reverse_kl", "distill/forward_kl",
+                                                                    "distill/entropy"))}
+    for k, v in stats.items():
+        assert v == pytest.approx(info["stats"][k], rel=1e-5), k
+    assert row_kl == pytest.approx(info["row_reverse_kl"], rel=1e-5)
+    with pytest.raises(ValueError, match="sampled estimator"):
+        make_rollout(models2, PROMPTS[:2], cfg_for(estimator="sampled"), 0.0, PREC, Throughput(),
+                     torch.Generator().manual_seed(0), student_pass=False)
 
 
 def test_stage_run_writes_final_student_heldout_and_metrics(tmp_path):
