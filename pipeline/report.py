@@ -351,6 +351,13 @@ def eval_section(results: dict) -> list[tuple]:
             rows = [[i, n[i]] + [fmt(d.get(i, {}).get("pass_rate")) for d in per_id.values()] for i in ids]
             blocks.append(("p", "Instruction-level pass rate (strict) per instruction id:"))
             blocks.append(("table", ["instruction id", "n"] + list(models), rows))
+        if s.get("paired"):
+            blocks.append(("p", "Prompt-level pass (strict), each model against the one listed before it, paired "
+                                "on the same prompts: prompts gained and lost, the difference, and McNemar's exact "
+                                "two-sided p (how often a difference this large arises when neither is better):"))
+            blocks.append(("table", ["model", "against", "gained", "lost", "difference", "p"],
+                           [[p["model"], p["against"], p["gained"], p["lost"], f"{p['difference']:+.3f}",
+                             f"{p['p_value']:.3g}"] for p in s["paired"]]))
     return blocks
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -137,6 +138,27 @@ def summarize_checks(results: list[Optional[list[dict]]]) -> Optional[dict]:
         "per_id": {k: {"n": d["n"], "pass_rate": d["strict"] / d["n"], "pass_rate_loose": d["loose"] / d["n"]}
                    for k, d in sorted(per_id.items())},
     }
+
+
+def paired_pass_test(passed: list[bool], before: list[bool]) -> dict:
+    """Prompt-level pass of a model against another one on the same prompts: `gained` (passes now, failed
+    before), `lost`, the `difference` in pass rate, and McNemar's exact two-sided `p_value` (a binomial test
+    of gained vs lost among the discordant prompts at p = 1/2): how often a difference at least this large
+    arises when neither model is better. 100 held-out prompts is a small sample; this says whether a lift
+    is more than noise."""
+    if len(passed) != len(before) or not passed:
+        raise ValueError(f"paired_pass_test needs two equal, non-empty lists (got {len(passed)} and {len(before)})")
+    gained = sum(bool(a) and not b for a, b in zip(passed, before))
+    lost = sum(bool(b) and not a for a, b in zip(passed, before))
+    n, k = gained + lost, min(gained, lost)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return {"n": len(passed), "gained": gained, "lost": lost, "difference": (gained - lost) / len(passed),
+            "p_value": p}
+
+
+def prompt_passes(checks: list[Optional[list[dict]]]) -> list[bool]:
+    """Strict prompt-level pass of each prompt that carries instructions."""
+    return [all(i["strict"] for i in r) for r in checks if r is not None]
 
 
 def win_rate(scores: list[float], baseline_scores: list[float]) -> float:
@@ -381,10 +403,12 @@ def evaluate(recipe: Recipe, out_dir: Path) -> dict:
         "sets": {},
     }
     samples, flat = [], {}
+    listed = runs[:len(dict.fromkeys(cfg.models))]  # the recipe's models in its order (base, sft, ppo, ...)
     for ps in sets:
-        per_model = {}
+        per_model, passes = {}, {}
         for run in runs:
             checks = instruction_results(ps.examples, run.answers[ps.name].texts)
+            passes[run.name] = prompt_passes(checks)
             b = baseline.answers[ps.name] if baseline else None
             m = per_model[run.name] = set_metrics(run.answers[ps.name], checks, b)
             samples += sample_rows(ps, run, checks)
@@ -394,6 +418,11 @@ def evaluate(recipe: Recipe, out_dir: Path) -> dict:
             for i, d in (m.get("per_id") or {}).items():
                 flat[f"eval/{ps.name}/{run.name}/instruction_pass_rate/{i}"] = d["pass_rate"]
         results["sets"][ps.name] = {"file": ps.spec, "n_prompts": len(ps.examples), "models": per_model}
+        # Each listed model against the one listed before it (the stage it was trained from, in a recipe).
+        paired = [{"model": b.name, "against": a.name, **paired_pass_test(passes[b.name], passes[a.name])}
+                  for a, b in zip(listed, listed[1:]) if passes[a.name]]
+        if paired:
+            results["sets"][ps.name]["paired"] = paired
 
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
@@ -422,7 +451,13 @@ def results_table(results: dict) -> str:
         cols += [("rm_score_mean", "rm"), ("win_rate", "win")]
     rows = [[model, name] + [fmt(m.get(k)) for k, _ in cols]
             for name, s in results["sets"].items() for model, m in s["models"].items()]
-    return text_table(["model", "set"] + [h for _, h in cols], rows)
+    out = text_table(["model", "set"] + [h for _, h in cols], rows)
+    paired = [[f"{p['model']} vs {p['against']}", name, str(p["gained"]), str(p["lost"]), f"{p['difference']:+.3f}",
+               f"{p['p_value']:.3g}"] for name, s in results["sets"].items() for p in s.get("paired", [])]
+    if paired:
+        out += "\n\nPrompt-level pass, paired on the same prompts (McNemar exact p):\n" + text_table(
+            ["models", "set", "gained", "lost", "diff", "p"], paired)
+    return out
 
 
 def _summary(results: dict) -> dict:

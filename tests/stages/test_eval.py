@@ -13,7 +13,7 @@ from conftest import write_jsonl
 from pipeline.cli import main
 from pipeline.config import load_recipe, parse_recipe
 from pipeline.runner import run_recipe
-from pipeline.stages.eval import model_name, pass_rates, sequence_logprobs, set_name, win_rate
+from pipeline.stages.eval import model_name, paired_pass_test, pass_rates, sequence_logprobs, set_name, win_rate
 
 ROOT = Path(__file__).resolve().parents[2]
 LOWER, NO_COMMA, WORDS, QUOTE = ("change_case:english_lowercase", "punctuation:no_comma",
@@ -68,6 +68,27 @@ def test_pass_rates_match_hand_computed_values():
 def test_win_rate_counts_ties_half():
     # 1<2 loses, 2>1 wins, 3=3 ties, 3>0 wins: (0 + 1 + 0.5 + 1) / 4
     assert win_rate([1.0, 2.0, 3.0, 3.0], [2.0, 1.0, 3.0, 0.0]) == pytest.approx(0.625)
+
+
+def test_paired_pass_test_is_mcnemars_exact_test():
+    # 10 prompts gained, 2 lost, 8 passed by both, 5 by neither: 12 discordant prompts, k = min = 2.
+    # two-sided p = 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 2 * (1 + 12 + 66) / 4096 = 0.0385742...
+    before = [False] * 10 + [True] * 2 + [True] * 8 + [False] * 5
+    after = [True] * 10 + [False] * 2 + [True] * 8 + [False] * 5
+    r = paired_pass_test(after, before)
+    assert (r["n"], r["gained"], r["lost"]) == (25, 10, 2)
+    assert r["difference"] == pytest.approx(8 / 25) and r["p_value"] == pytest.approx(158 / 4096)
+    assert paired_pass_test(before, after)["p_value"] == pytest.approx(158 / 4096)  # symmetric
+    assert paired_pass_test(before, after)["difference"] == pytest.approx(-8 / 25)
+    # as many gained as lost, or none discordant: p = 1
+    assert paired_pass_test([True, False], [False, True])["p_value"] == 1.0
+    assert paired_pass_test([True, True], [True, True]) == {"n": 2, "gained": 0, "lost": 0, "difference": 0.0,
+                                                           "p_value": 1.0}
+    # 1 gained, 0 lost: p = 2 * 1 / 2 = 1; 6 gained, 0 lost: 2 / 64
+    assert paired_pass_test([True], [False])["p_value"] == 1.0
+    assert paired_pass_test([True] * 6, [False] * 6)["p_value"] == pytest.approx(2 / 64)
+    with pytest.raises(ValueError, match="equal"):
+        paired_pass_test([True], [True, False])
 
 
 def test_set_and_model_names():
@@ -141,6 +162,14 @@ def test_eval_stage_metrics_kl_to_itself_zero_and_report(tmp_path, tiny_model_di
         assert m["eos_share"] == pytest.approx(sum(r["ended"] for r in rows) / len(rows))
         assert m["kl"] == pytest.approx(sum(r["kl"] for r in rows) / max(1, sum(r["length"] for r in rows)))
         assert m["rm_score_mean"] is None and m["win_rate"] is None  # no reward model given
+    # Paired prompt-level comparison of each listed model with the one before it, from the same samples.
+    paired = results["sets"]["heldout"]["paired"]
+    assert [(p["model"], p["against"]) for p in paired] == [("twin", "base"), ("other", "twin")]
+    for p in paired:
+        now = {s["index"]: s["passed"] for s in samples if s["model"] == p["model"] and "instructions" in s}
+        was = {s["index"]: s["passed"] for s in samples if s["model"] == p["against"] and "instructions" in s}
+        assert p["gained"] == sum(now[i] and not was[i] for i in now)
+        assert p["lost"] == sum(was[i] and not now[i] for i in now) and p["n"] == len(now) == 3
     checked = [s for s in samples if s["index"] == 1]
     assert all([i["id"] for i in s["instructions"]] == [NO_COMMA, WORDS] for s in checked)
     assert "instructions" not in samples[2] and samples[2]["prompt"] == "hello world"
@@ -151,6 +180,7 @@ def test_eval_stage_metrics_kl_to_itself_zero_and_report(tmp_path, tiny_model_di
     assert "heldout" in capsys.readouterr().out  # the compact table
     report = (tmp_path / "run" / "report.md").read_text()
     assert "heldout" in report and "twin" in report and (tmp_path / "run" / "report.html").exists()
+    assert "McNemar" in report
 
 
 def test_unknown_instruction_id_is_an_error_naming_file_and_row(tmp_path, tiny_model_dir, capsys):
