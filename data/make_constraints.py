@@ -469,6 +469,9 @@ def main() -> None:
     ap.add_argument("--n-heldout", type=int, default=100)
     ap.add_argument("--samples", type=int, default=2, help="samples per preference prompt")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--sft-content", choices=["instructed", "bare"], default="instructed",
+                    help="SFT content: the model's greedy answer to the prompt WITH its instructions (default: "
+                         "the demonstration is a minimal edit of what the model already does), or to the bare task")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     out, held_out = Path(args.out), Path(args.heldout_out)
@@ -493,12 +496,20 @@ def main() -> None:
     sft_p, pref_p, rl_p = (draw(args.n_sft, False, rng), draw(args.n_prefs, False, rng),
                            draw(args.n_prompts, False, rng))
 
-    # 2. SFT: the model's plain answer to the bare task, made to satisfy the instructions.
-    tasks = sorted({r["task"] for r in sft_p})
-    plain = dict(zip(tasks, sample(tasks, False, 100, "plain answers"))) if not args.skip_model else {}
+    # 2. SFT: the model's own greedy answer (to the instructed prompt, or to the bare task), made to satisfy
+    #    the instructions.
+    if args.skip_model:
+        plain = {}
+    elif args.sft_content == "bare":
+        tasks = sorted({r["task"] for r in sft_p})
+        plain = dict(zip(tasks, sample(tasks, False, 100, "plain answers")))
+    else:
+        prompts = [r["prompt"] for r in sft_p]
+        plain = dict(zip(prompts, sample(prompts, False, 100, "instructed answers")))
+    content_key = "task" if args.sft_content == "bare" else "prompt"
     sft_rows = []
     for r in sft_p:
-        base = whole_sentences(plain.get(r["task"], "")) or template_content(r["topic"], rng)
+        base = whole_sentences(plain.get(r[content_key], "")) or template_content(r["topic"], rng)
         if len(base.split()) < 25:
             base = base + " " + template_content(r["topic"], rng)
         try:
