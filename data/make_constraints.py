@@ -469,9 +469,10 @@ def main() -> None:
     ap.add_argument("--n-heldout", type=int, default=100)
     ap.add_argument("--samples", type=int, default=2, help="samples per preference prompt")
     ap.add_argument("--skip-model", action="store_true")
-    ap.add_argument("--sft-content", choices=["instructed", "bare"], default="instructed",
-                    help="SFT content: the model's greedy answer to the prompt WITH its instructions (default: "
-                         "the demonstration is a minimal edit of what the model already does), or to the bare task")
+    ap.add_argument("--sft-content", choices=["bare", "instructed"], default="bare",
+                    help="SFT content: the model's greedy answer to the bare task (default; the committed files), or "
+                         "to the prompt WITH its instructions (each demonstration is then a minimal edit of what the "
+                         "model already does; measured: held-out pass 0.21, the same as bare)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     out, held_out = Path(args.out), Path(args.heldout_out)
