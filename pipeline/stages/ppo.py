@@ -146,6 +146,9 @@ def build_models(recipe: Recipe, cfg: PPOConfig, precision: Precision) -> PPOMod
         if cfg.critic_from == "reward" and cfg.rewards:
             rm = [r for r in cfg.rewards if r.kind == "rm"]
             src = rm[0].source if rm else cfg.policy_from
+            if not rm:
+                log(f"ppo: critic_from: reward, but no reward model among `ppo.rewards`; the critic starts from the "
+                    f"policy ({cfg.policy_from}) with a zero value head")
         critic = load_critic(recipe.resolve_model_ref(src), recipe, precision, tok, cfg.lora)
     # Dropout off everywhere during RL (PITFALLS): the models stay in eval mode, gradients still flow.
     for m in (policy, reference, critic):
