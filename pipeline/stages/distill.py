@@ -432,8 +432,10 @@ class StateStats:
         if not new.any():
             return
         idx = rows[new]
-        for k, v in student_state_figures(s_logits[new], t_logits[new]).items():
-            getattr(self, k)[idx, :v.shape[1]] = v.float()
+        if not new.all():  # a later epoch's mix of seen rows: keep the new ones (a copy of their logits)
+            s_logits, t_logits = s_logits[new], t_logits[new]
+        for k, v in student_state_figures(s_logits, t_logits).items():
+            getattr(self, k)[idx] = v.float()
         self.seen[idx] = True
 
 
