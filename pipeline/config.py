@@ -76,6 +76,11 @@ class SFTConfig:
     grad_accum: int = 1
     max_seq_len: int = 512
     completion_only_loss: bool = True
+    # Loss weight of the first `response_start_tokens` response tokens (1.0: plain SFT). Whether a response
+    # is lowercase, quoted or a list is decided by its first token or two, a few percent of the tokens;
+    # weighting them makes the demonstrations teach that decision (see `response_start_weights`).
+    response_start_weight: float = 1.0
+    response_start_tokens: int = 4
     # Batches of similar length (less padding: about a quarter fewer tokens on the built-in data).
     group_by_length: bool = True
     warmup_ratio: float = 0.03
@@ -453,6 +458,11 @@ def parse_recipe(data: dict, where: str = "<recipe>") -> Recipe:
         if getattr(recipe, s) is None:
             setattr(recipe, s, parse_section(SECTION_TYPES[s], {}, s, where))
     _check_references(recipe, where)
+    if recipe.sft is not None and (recipe.sft.response_start_weight < 0 or recipe.sft.response_start_tokens < 0):
+        raise RecipeError(
+            f"{where}: `sft.response_start_weight` ({recipe.sft.response_start_weight}) and "
+            f"`sft.response_start_tokens` ({recipe.sft.response_start_tokens}) must be >= 0 (weight 1.0: plain SFT)."
+        )
     recipe.source = where
     return recipe
 

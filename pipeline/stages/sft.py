@@ -8,7 +8,8 @@ Our departures from a plain SFTTrainer call:
 - the chat template is applied once, by `pipeline.data` (the same path every stage uses), and the
   trainer gets pre-tokenized rows with a `completion_mask`;
 - rows whose response is truncated away are counted and reported, not dropped silently;
-- the evaluation loss is measured before and after training on a held-out split.
+- the evaluation loss is measured before and after training on a held-out split;
+- optionally (`response_start_weight`), the first few response tokens weigh more in the training loss.
 """
 
 from __future__ import annotations
@@ -30,6 +31,58 @@ from .common import (
     tensorboard_dir,
     trainer_precision_args,
 )
+
+
+def response_start_weights(label_mask, n_tokens: int, weight: float):
+    """Per-token loss weights: `weight` on the first `n_tokens` trained positions of each row, 1 on the
+    other trained positions, 0 where `label_mask` is False. `label_mask` is (B, T) bool, aligned with the
+    per-token log-probs (already shifted)."""
+    import torch
+
+    mask = label_mask.bool()
+    rank = mask.long().cumsum(-1)  # 1 for the first trained position of each row, 2 for the second, ...
+    w = torch.where(mask & (rank <= n_tokens), float(weight), 1.0)
+    return w * mask
+
+
+def weighted_token_loss(log_probs, weights, num_items) -> "object":
+    """sum(w * -log p) / num_items, with num_items the plain count of trained tokens in the whole
+    optimizer step (all micro-batches, all processes), as the Trainer counts them: a micro-batch split
+    leaves the summed gradient unchanged, and with all weights 1 this is the usual token-mean NLL."""
+    import torch
+
+    return -(weights * log_probs).sum() / torch.as_tensor(num_items).clamp(min=1)
+
+
+def _weighted_trainer_cls(base):
+    """`base` (TRL's SFTTrainer) whose training loss weights the response start. Evaluation keeps the
+    plain loss, so `eval_loss` stays comparable across settings."""
+
+    class StartWeightedSFTTrainer(base):
+        def __init__(self, *args, start_tokens: int, start_weight: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.start_tokens, self.start_weight = start_tokens, start_weight
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not model.training or return_outputs or self.aux_loss_enabled:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)  # per-token log-probs, shifted, 0 where masked
+            mask = outputs.label_mask
+            num = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            w = response_start_weights(mask, self.start_tokens, self.start_weight).to(outputs.log_probs.dtype)
+            loss = weighted_token_loss(outputs.log_probs, w, num)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            # The metrics TRL logs on its own path (mean over trained tokens, across processes).
+            gather = self.accelerator.gather_for_metrics
+            n_valid = gather(mask.sum()).sum()
+            if n_valid > 0:
+                self._metrics["train"]["entropy"].append((gather(outputs.entropy.detach().sum()).sum() / n_valid).item())
+                self._metrics["train"]["mean_token_accuracy"].append((gather(outputs.is_top1.sum()).sum() / n_valid).item())
+            return loss
+
+    return StartWeightedSFTTrainer
 
 
 def split_eval(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -108,7 +161,13 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
     metrics = MetricsLogger(stage_dir, tensorboard=False)  # the Trainer writes TensorBoard itself
     nonfinite = NonFiniteCallback("sft")
     tensorboard_dir(stage_dir)
-    trainer = SFTTrainer(
+    weighted = cfg.response_start_weight != 1.0 and cfg.response_start_tokens > 0
+    trainer_cls = _weighted_trainer_cls(SFTTrainer) if weighted else SFTTrainer
+    extra = {"start_tokens": cfg.response_start_tokens, "start_weight": cfg.response_start_weight} if weighted else {}
+    if weighted:
+        log(f"sft: the first {cfg.response_start_tokens} response tokens weigh {cfg.response_start_weight:g} in the training loss")
+    trainer = trainer_cls(
+        **extra,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -125,6 +184,8 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         "eval_rows": eval_stats.kept,
         "lora": cfg.lora is not None,
     }
+    if weighted:
+        summary["response_start"] = f"first {cfg.response_start_tokens} tokens x{cfg.response_start_weight:g}"
     if eval_ds is not None:
         before = trainer.evaluate()["eval_loss"]
         summary["eval_loss_before"] = before
