@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pipeline validate X | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second traceback at exit
+        return 0
     except Exception as e:  # noqa: BLE001 - interruption and numerical stops are reported, not traced
         from .checkpoint import Interrupted
 

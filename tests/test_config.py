@@ -122,3 +122,15 @@ def test_cli_overrides_may_follow_options():
         parse(["run", "r.yaml", "--stages", "sft", "--bogus"])
     with pytest.raises(SystemExit):
         parse(["recipes", "sft.lr=1"])  # no overrides for this command
+
+
+def test_cli_output_into_a_closed_pipe_is_not_an_error():
+    """`pipeline validate X | head -1`: the reader leaves early; exit 0, no traceback."""
+    import subprocess
+    import sys
+
+    # `true` exits at once, so the pipe is closed long before validate prints (it imports torch first)
+    cmd = f"{sys.executable} -m pipeline validate recipes/quickstart.yaml | true"
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+    assert out.returncode == 0
