@@ -63,23 +63,42 @@ def _weighted_trainer_cls(base):
             super().__init__(*args, **kwargs)
             self.start_tokens, self.start_weight = start_tokens, start_weight
 
+        def token_logprobs(self, model, inputs, fused: bool = True):
+            """-> (log-probs, mask, entropy or None, top-1 hits or None), (B, T-1), shifted to the labels.
+            TRL's fused LM head when the installed TRL has one (no (B, T, V) logits); else from the logits."""
+            if fused and getattr(self, "_fused_head", True):
+                try:
+                    out = model(**inputs, fused_lm_head=True)
+                except TypeError:  # a forward that takes no `fused_lm_head`
+                    out = None
+                if getattr(out, "log_probs", None) is not None:
+                    return out.log_probs, out.label_mask, out.entropy, out.is_top1
+                self._fused_head = False  # an older TRL (or none patched this model): use the logits from now on
+            import torch
+
+            labels = inputs["labels"][:, 1:]
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1].float()
+            mask = labels != -100
+            logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask
+            return logp, mask, None, None
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not model.training or return_outputs or self.aux_loss_enabled:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs["use_cache"] = False
-            outputs = model(**inputs, fused_lm_head=True)  # per-token log-probs, shifted, 0 where masked
-            mask = outputs.label_mask
+            log_probs, mask, entropy, is_top1 = self.token_logprobs(model, inputs)
             num = mask.sum() if num_items_in_batch is None else num_items_in_batch
-            w = response_start_weights(mask, self.start_tokens, self.start_weight).to(outputs.log_probs.dtype)
-            loss = weighted_token_loss(outputs.log_probs, w, num)
+            w = response_start_weights(mask, self.start_tokens, self.start_weight).to(log_probs.dtype)
+            loss = weighted_token_loss(log_probs, w, num)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             # The metrics TRL logs on its own path (mean over trained tokens, across processes).
+            metrics = getattr(self, "_metrics", None)
             gather = self.accelerator.gather_for_metrics
             n_valid = gather(mask.sum()).sum()
-            if n_valid > 0:
-                self._metrics["train"]["entropy"].append((gather(outputs.entropy.detach().sum()).sum() / n_valid).item())
-                self._metrics["train"]["mean_token_accuracy"].append((gather(outputs.is_top1.sum()).sum() / n_valid).item())
+            if metrics is not None and entropy is not None and n_valid > 0:
+                metrics["train"]["entropy"].append((gather(entropy.detach().sum()).sum() / n_valid).item())
+                metrics["train"]["mean_token_accuracy"].append((gather(is_top1.sum()).sum() / n_valid).item())
             return loss
 
     return StartWeightedSFTTrainer

@@ -127,6 +127,20 @@ def test_weighted_trainer_loss_weights_the_first_response_tokens(tmp_path, tiny_
         w[r, first] = 3.0
         assert tok.decode(tgt[r, first]).startswith("yes")  # the completion's first tokens
     torch.testing.assert_close(loss.detach(), (w * nll).sum() / mask.sum(), atol=1e-5, rtol=1e-5)
+    # the path for a TRL without the fused head (log-probs from the logits) agrees with the fused one
+    fused = trainer.token_logprobs(trainer.model, dict(batch), fused=True)
+    plain = trainer.token_logprobs(trainer.model, dict(batch), fused=False)
+    assert fused[2] is not None and getattr(trainer, "_fused_head", True)  # the installed TRL's fused head was used
+    torch.testing.assert_close(plain[1], fused[1])
+    torch.testing.assert_close(plain[0].detach(), fused[0].detach(), atol=1e-5, rtol=1e-5)
+    # a model no TRL patched (an older TRL): asked for the fused head, it falls back to the logits
+    from types import SimpleNamespace
+
+    unpatched = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    host = SimpleNamespace()
+    fallback = type(trainer).token_logprobs(host, unpatched, dict(batch), fused=True)
+    assert host._fused_head is False
+    torch.testing.assert_close(fallback[0].detach(), fused[0].detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_sft_response_start_weight_runs_and_lowers_the_loss(tmp_path, tiny_model_dir):
