@@ -74,13 +74,12 @@ def _weighted_trainer_cls(base):
                 if getattr(out, "log_probs", None) is not None:
                     return out.log_probs, out.label_mask, out.entropy, out.is_top1
                 self._fused_head = False  # an older TRL (or none patched this model): use the logits from now on
-            import torch
+            from ..rl.logprobs import logprobs_from_logits
 
             labels = inputs["labels"][:, 1:]
-            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1].float()
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1]
             mask = labels != -100
-            logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask
-            return logp, mask, None, None
+            return logprobs_from_logits(logits, labels.clamp(min=0)) * mask, mask, None, None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not model.training or return_outputs or self.aux_loss_enabled:
