@@ -324,6 +324,12 @@ TRAIN_KEYWORDS = ["bright", "quiet", "history", "future", "simple", "journey", "
 HELDOUT_KEYWORDS = ["precise", "curious", "gentle", "harbor", "silver", "patience", "echo", "craft"]
 
 
+# SFT content: greedy, long enough for "at least 80 words", with HF's repetition penalty so that the
+# small model's greedy loops do not become demonstrations (1.2 measured: no loops, on-topic prose).
+CONTENT_TOKENS = 160
+CONTENT_REPETITION_PENALTY = 1.2
+
+
 def sample_kwargs(iid: str, rng: random.Random, heldout: bool) -> dict:
     if iid == WORDS:
         if rng.random() < 0.5:
@@ -362,19 +368,55 @@ def make_prompt(rng: random.Random, heldout: bool, counts: dict[str, int]) -> di
     return {"prompt": prompt, "task": task, "topic": topic, "instruction_id_list": ids, "kwargs": kwargs}
 
 
+def _ngrams(words: list[str], n: int = 4) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
 def whole_sentences(text: str, max_sentences: int = 4, max_words: int = 60) -> str:
+    """The leading whole sentences of ``text`` within the limits, skipping repeats.
+
+    A sentence is skipped when half or more of its word 4-grams (or, for a short sentence, its
+    whole word sequence) already occurred: greedy answers of a small model loop ("They are made of
+    walls and floors that are made of walls and floors ..."), and demonstrations that loop teach
+    the loop.
+    """
     text = re.sub(r"\s+", " ", text.replace("*", " ").replace("#", " ")).strip()
-    parts = re.split(r"(?<=[.!?])\s+", text)
+    parts = re.split(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+", text)
     out: list[str] = []
+    seen: set[tuple[str, ...]] = set()
+    seen_sentences: set[tuple[str, ...]] = set()
     for p in parts:
-        if not re.search(r"[.!?]$", p):
+        if not re.search(r"[.!?][\"')\]]*$", p):
             break
+        if p.endswith('"') and p.count('"') % 2:
+            p = p[:-1]  # a stray closing quote ("... confidence.\"") would leave the text unbalanced
+        words = re.findall(r"\w+", p.lower())
+        grams = _ngrams(words)
+        if tuple(words) in seen_sentences or (grams and len(grams & seen) * 2 >= len(grams)):
+            continue
         if sum(len(x.split()) for x in out) + len(p.split()) > max_words:
             break
         out.append(p)
+        seen |= grams
+        seen_sentences.add(tuple(words))
         if len(out) >= max_sentences:
             break
     return " ".join(out)
+
+
+def content_limits(rec: dict) -> dict:
+    """``whole_sentences`` limits for a record: short by default, enough for an "at least N words" one.
+
+    N + 15 words keeps a reply for N = 80 inside the eval's 128 new tokens; a list gets one sentence
+    per bullet where the text has them.
+    """
+    pairs = list(zip(rec["instruction_id_list"], rec["kwargs"]))
+    at_least = [kw["num_words"] for i, kw in pairs if i == WORDS and kw["relation"] == "at least"]
+    # One sentence per bullet where the text has them (else bullets are cut mid-sentence).
+    bullets = [kw["num_bullets"] for i, kw in pairs if i == BULLETS]
+    if at_least:
+        return {"max_sentences": 12, "max_words": max(at_least) + 15}
+    return {"max_sentences": max([4] + bullets), "max_words": 60}
 
 
 TEMPLATE_FACTS = [
@@ -430,7 +472,8 @@ class Sampler:
         self.precision = resolve_precision(ModelConfig())
         self.model, self.tok = load_policy("smollm2-135m-instruct", ModelConfig(), self.precision)
 
-    def __call__(self, prompts: list[str], do_sample: bool, max_new_tokens: int, desc: str) -> list[str]:
+    def __call__(self, prompts: list[str], do_sample: bool, max_new_tokens: int, desc: str,
+                 repetition_penalty: float = 1.0) -> list[str]:
         """Generate in chunks, caching each chunk under ~/.cache so an interrupted run resumes."""
         import hashlib
 
@@ -439,7 +482,8 @@ class Sampler:
         from pipeline.generation import generate
         from pipeline.models import cache_dir
 
-        key = hashlib.sha256(json.dumps([prompts, do_sample, max_new_tokens]).encode()).hexdigest()[:16]
+        spec = [prompts, do_sample, max_new_tokens] + ([repetition_penalty] if repetition_penalty != 1.0 else [])
+        key = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
         cache = cache_dir() / "data-gen" / key
         cache.mkdir(parents=True, exist_ok=True)
         texts: list[str] = []
@@ -451,7 +495,8 @@ class Sampler:
                 continue
             torch.manual_seed(start)
             g = generate(self.model, self.tok, prompts[start:start + chunk], max_new_tokens=max_new_tokens,
-                         batch_size=32, do_sample=do_sample, temperature=0.9, autocast=self.precision.autocast_ctx(),
+                         batch_size=32, do_sample=do_sample, temperature=0.9, repetition_penalty=repetition_penalty,
+                         autocast=self.precision.autocast_ctx(),
                          progress=True, desc=f"{desc} {start}/{len(prompts)}")
             f.write_text(json.dumps(g.texts))
             texts += g.texts
@@ -503,14 +548,15 @@ def main() -> None:
         plain = {}
     elif args.sft_content == "bare":
         tasks = sorted({r["task"] for r in sft_p})
-        plain = dict(zip(tasks, sample(tasks, False, 100, "plain answers")))
+        plain = dict(zip(tasks, sample(tasks, False, CONTENT_TOKENS, "plain answers", CONTENT_REPETITION_PENALTY)))
     else:
         prompts = [r["prompt"] for r in sft_p]
-        plain = dict(zip(prompts, sample(prompts, False, 100, "instructed answers")))
+        plain = dict(zip(prompts, sample(prompts, False, CONTENT_TOKENS, "instructed answers",
+                                         CONTENT_REPETITION_PENALTY)))
     content_key = "task" if args.sft_content == "bare" else "prompt"
     sft_rows = []
     for r in sft_p:
-        base = whole_sentences(plain.get(r[content_key], "")) or template_content(r["topic"], rng)
+        base = whole_sentences(plain.get(r[content_key], ""), **content_limits(r)) or template_content(r["topic"], rng)
         if len(base.split()) < 25:
             base = base + " " + template_content(r["topic"], rng)
         try:
@@ -536,7 +582,8 @@ def main() -> None:
         if chosen is None:
             for s in outs + [template_content(r["topic"], rng)]:
                 try:
-                    fixed = apply_constraints(whole_sentences(s) or s, r["instruction_id_list"], r["kwargs"])
+                    fixed = apply_constraints(whole_sentences(s, **content_limits(r)) or s, r["instruction_id_list"],
+                                              r["kwargs"])
                 except ValueError:
                     continue
                 if judge(fixed, r):

@@ -475,13 +475,37 @@ def _fix_end(text: str, kw: dict) -> str:
     return _append_sentence(text, kw["end_phrase"].strip())
 
 
+_KEYWORD_LEADS = (
+    "{words} both come to mind here.",
+    "{words} are worth a mention.",
+    "{words} belong in this picture too.",
+)
+_KEYWORD_LEAD_ONE = "{words} is worth a mention."
+
+
 def _fix_keywords(text: str, kw: dict) -> str:
+    # The missing keywords open the text in a short lead sentence: copying the prompt's quoted words
+    # right at the start is what a small model learns from demonstrations; a sentence tacked on at
+    # the end was copied as a template with the wrong words. The lead varies with the words
+    # (deterministically, so the data script stays reproducible).
     missing = [
         k for k in kw["keywords"] if not re.search(re.escape(k), text, flags=re.IGNORECASE)
     ]
     if not missing:
         return text
-    return _append_sentence(text, f"It also touches on {_join_words(missing)}.")
+    words = _join_words(missing)
+    words = words[:1].upper() + words[1:]
+    if len(missing) == 1:
+        lead = _KEYWORD_LEAD_ONE.format(words=words)
+    else:
+        pick = sum(map(ord, "".join(missing))) % len(_KEYWORD_LEADS)
+        lead = _KEYWORD_LEADS[pick].format(words=words)
+    body = text.strip()
+    if not body:
+        return lead
+    # Before a list the lead gets a line of its own, so the bullet count does not change.
+    sep = "\n" if _is_bullet_line(body.split("\n", 1)[0]) else " "
+    return f"{lead}{sep}{body}"
 
 
 def _fix_bullets(text: str, kw: dict) -> str:

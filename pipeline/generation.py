@@ -48,11 +48,16 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
     autocast=None,
     progress: bool = False,
     desc: str = "generating",
 ) -> Generations:
-    """Generate one response per prompt (messages or strings). Greedy unless do_sample."""
+    """Generate one response per prompt (messages or strings). Greedy unless do_sample.
+
+    ``repetition_penalty`` > 1 divides the logits of tokens already in the sequence (HF's CTRL-style
+    penalty); 1.0 leaves decoding unchanged.
+    """
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
@@ -71,6 +76,8 @@ def generate(
         gen_kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
     else:
         gen_kwargs.update(temperature=None, top_k=None, top_p=None)
+    if repetition_penalty != 1.0:
+        gen_kwargs["repetition_penalty"] = repetition_penalty
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         input_ids, attn = left_pad([encoded[i] for i in idx], pad, device)

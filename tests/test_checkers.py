@@ -282,7 +282,14 @@ def test_apply_constraint_details():
     assert out == "Hello there. Peace!"
     assert apply_constraint(END, "Done. Peace!", {"end_phrase": "peace!"}) == "Done. Peace!"
     out = apply_constraint(KEYWORDS, "About rivers.", {"keywords": ["Rivers", "fish"]})
-    assert out == "About rivers. It also touches on fish."
+    assert out == "Fish is worth a mention. About rivers."
+    # Two missing words: one of the lead sentences, words in the prompt's order, first capitalised.
+    out = apply_constraint(KEYWORDS, "About rivers.", {"keywords": ["fish", "boats"]})
+    assert out.startswith("Fish and boats ") and out.endswith(". About rivers."), out
+    # Before a bullet list the lead goes on its own line, so the bullet count is unchanged.
+    out = apply_constraint(KEYWORDS, "* a\n* b", {"keywords": ["fish"]})
+    assert out == "Fish is worth a mention.\n* a\n* b"
+    assert apply_constraint(BULLETS, out, {"num_bullets": 2}) == out
     assert apply_constraint(QUOTE, "  hi  ", {}) == '"hi"'
     out = apply_constraint(BULLETS, "One. Two. Three. Four.", {"num_bullets": 2})
     assert out == "* One. Two.\n* Three. Four."

@@ -61,3 +61,30 @@ def test_ifeval_subset_is_evaluation_only():
     assert len(ifeval) == 131
     for name in ("sft.jsonl", "prefs.jsonl", "prompts.jsonl"):
         assert not ifeval & {r["prompt"] for r in load_rows(str(DATA / name))}
+
+
+def test_content_cut_skips_loops_and_stray_quotes():
+    mc = _script()
+    looped = ("Caves are big rooms. They are made of walls and floors that are made of walls. "
+              "They are made of walls and floors that are made of walls and rock. Bats live there. Bats live there.")
+    assert mc.whole_sentences(looped) == ("Caves are big rooms. They are made of walls and floors that are made "
+                                          "of walls. Bats live there.")
+    # A sentence ending in a closing quote still counts as whole; an unbalanced one loses the quote.
+    assert mc.whole_sentences('He said "go." It was late." Then') == 'He said "go." It was late.'
+    assert mc.whole_sentences("One two three. Four five six.", max_words=4) == "One two three."
+
+
+def test_content_limits_fit_the_instructions():
+    mc = _script()
+    rec = lambda ids, kws: {"instruction_id_list": ids, "kwargs": kws}  # noqa: E731
+    assert mc.content_limits(rec([mc.LOWER], [{}])) == {"max_sentences": 4, "max_words": 60}
+    long = mc.content_limits(rec([mc.WORDS], [{"relation": "at least", "num_words": 80}]))
+    assert long["max_words"] >= 80
+    short = mc.content_limits(rec([mc.WORDS], [{"relation": "less than", "num_words": 30}]))
+    assert short["max_words"] == 60
+    assert mc.content_limits(rec([mc.BULLETS], [{"num_bullets": 5}]))["max_sentences"] == 5
+    # The committed demonstrations reach the "at least" counts the held-out set asks for (up to 80).
+    counts = [kw["num_words"] for row in load_rows(str(DATA / "sft.jsonl"))
+              for i, kw in zip(row["instruction_id_list"], row["kwargs"])
+              if i == mc.WORDS and kw["relation"] == "at least"]
+    assert max(counts) >= 80
