@@ -2,15 +2,15 @@
 held-out prompts, IFEval style (`prompt`, `instruction_id_list`, `kwargs`), checkable by
 `pipeline.checkers`.
 
-    python data/make_constraints.py            # about 10 minutes on 2 CPU cores (model sampling)
+    python data/make_constraints.py            # 3-8 minutes on 2 CPU cores (model sampling; cached)
     python data/make_constraints.py --skip-model   # template content only, for debugging
 
 Deterministic for a seed. Topics, task framings and instruction phrasings come in two disjoint pools:
 the training splits (sft, prefs, prompts) draw from TRAIN_*, the held-out split from HELDOUT_*, so the
 held-out numbers measure generalisation to phrasings and topics never trained on.
 
-Content: the default model's own answers to the bare task (no instruction), cut to whole sentences,
-then made to satisfy the instructions with `checkers.apply_constraints` (SFT). Preference pairs are
+Content: the default model's own answers to the bare task (no instruction), cut to whole sentences
+without the greedy loops, then made to satisfy the instructions with `checkers.apply_constraints` (SFT). Preference pairs are
 real samples of the default model given the instruction, judged by the checkers: chosen passes
 (a sample, or a repaired sample when none passed), rejected fails (a sample, or when every sample
 passed, the chosen text with one instruction undone).
