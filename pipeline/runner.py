@@ -3,6 +3,8 @@
 Layout:
     <output_dir>/recipe.resolved.yaml    the recipe after overrides and defaults
     <output_dir>/run_info.json           package versions, seed, command line
+    <output_dir>/inputs.json             sha256 of each stage's local data files (a changed file is caught
+                                         like a changed recipe)
     <output_dir>/<stage>/final/          HF-format model (merged weights + tokenizer); LoRA adapter in final/adapter/
     <output_dir>/<stage>/metrics.jsonl   one JSON object per logged step
     <output_dir>/<stage>/summary.json    the stage's summary; written last, it marks the stage as done
@@ -61,10 +63,41 @@ def validate_data(recipe: Recipe) -> list[str]:
     return lines
 
 
+def stage_input_files(recipe: Recipe) -> dict[str, dict[str, str]]:
+    """{stage: {path: sha256}} for the local data files each stage section names (hub datasets and
+    run references such as `sft` are not files and are left out)."""
+    import hashlib
+
+    from .data import LOCAL_SUFFIXES
+
+    def paths(value) -> list[str]:
+        if isinstance(value, str):
+            return [value] if Path(value).suffix in LOCAL_SUFFIXES and Path(value).is_file() else []
+        if isinstance(value, dict):
+            return [p for v in value.values() for p in paths(v)]
+        if isinstance(value, list):
+            return [p for v in value for p in paths(v)]
+        return []
+
+    out: dict[str, dict[str, str]] = {}
+    as_dict = recipe.to_dict()
+    for stage in recipe.stages:
+        files = {}
+        for f in sorted(set(paths(as_dict.get(stage)))):
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            files[f] = h.hexdigest()
+        out[stage] = files
+    return out
+
+
 def write_run_info(recipe: Recipe) -> None:
     out = recipe.output_dir
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recipe.resolved.yaml", dump_recipe(recipe))
+    atomic_write_json(out / "inputs.json", stage_input_files(recipe))
     atomic_write_json(out / "run_info.json", {
         "seed": recipe.run.seed,
         "recipe": recipe.source,
@@ -107,9 +140,34 @@ def stages_to_rerun(old_text: str, recipe: Recipe) -> list[str]:
     return []
 
 
+def changed_inputs(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """(stages whose local data files changed since the run directory was written, lines naming the
+    files). Empty for a run directory written before inputs.json existed."""
+    saved = recipe.output_dir / "inputs.json"
+    if not saved.exists():
+        return [], []
+    try:
+        old = json.loads(saved.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return [], []
+    new = stage_input_files(recipe)
+    stages, lines = [], []
+    for stage in recipe.stages:
+        before, now = old.get(stage, {}), new.get(stage, {})
+        if stage not in old or before == now:
+            continue
+        stages.append(stage)
+        for f in sorted(set(before) | set(now)):
+            if before.get(f) != now.get(f):
+                what = "is new" if f not in before else "is gone" if f not in now else "changed"
+                lines.append(f"  {stage}: {f} {what} since the run started")
+    return stages, lines
+
+
 def prepare_output_dir(recipe: Recipe, force: bool = False) -> list[str]:
-    """Check an existing run directory. Returns the finished stages whose outputs are stale and must
-    rerun (with --force); refuses a changed recipe without it, showing what changed."""
+    """Check an existing run directory. Returns the stages whose outputs or checkpoints are stale and
+    must rerun (with --force); refuses a changed recipe or changed data files without it, showing what
+    changed."""
     from .config import RecipeError
 
     resolved = recipe.output_dir / "recipe.resolved.yaml"
@@ -117,7 +175,20 @@ def prepare_output_dir(recipe: Recipe, force: bool = False) -> list[str]:
         return []
     old, new = resolved.read_text(encoding="utf-8"), dump_recipe(recipe)
     if old == new:
-        return []
+        data_stages, lines = changed_inputs(recipe)
+        if not data_stages:
+            return []
+        listing = "\n".join(lines)
+        if not force:
+            raise RecipeError(
+                f"{recipe.output_dir} holds a run made from other data:\n{listing}\n"
+                "Its checkpoints and finished stages were trained on the old files. Run with --force to go on "
+                "with the new data (the stages from the first changed one rerun), or set run.output_dir to a new "
+                "directory."
+            )
+        rerun = list(recipe.stages[recipe.stages.index(data_stages[0]):])
+        log(f"--force: data changed; rerunning {', '.join(rerun)}:\n{listing}")
+        return rerun
     diff = recipe_diff(old, new, str(resolved))
     if not force:
         raise RecipeError(
@@ -126,6 +197,11 @@ def prepare_output_dir(recipe: Recipe, force: bool = False) -> list[str]:
             "or set run.output_dir to a new directory."
         )
     rerun = stages_to_rerun(old, recipe)
+    data_stages, lines = changed_inputs(recipe)
+    if data_stages:
+        first = min(recipe.stages.index(s) for s in rerun + data_stages)
+        rerun = list(recipe.stages[first:])
+        diff += "\n" + "\n".join(lines)
     log(f"--force: recipe changed; rerunning {', '.join(rerun) or 'no stage'}:\n{diff}")
     return rerun
 
