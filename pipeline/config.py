@@ -37,6 +37,10 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 0
+    # An earlier run directory. A stage name this recipe does not run (e.g. `policy_from: sft` in a
+    # PPO-only recipe) resolves to `<inputs_from>/<stage>/final` instead of this run's own directory,
+    # so a recipe can build on another run without writing into it.
+    inputs_from: Optional[str] = None
 
 
 @dataclass
@@ -272,10 +276,20 @@ class Recipe:
         return self.output_dir / stage
 
     def resolve_model_ref(self, ref: str) -> str:
-        """`base` -> the recipe's model; a stage name -> that stage's `final/`; else a path or hub id."""
+        """`base` -> the recipe's model; a stage name -> that stage's `final/` (in `run.inputs_from` when
+        this recipe does not run the stage and that is set); else a path or hub id."""
         if ref == "base":
             return self.model.name_or_path
         if ref in STAGE_NAMES:
+            if self.run.inputs_from and ref not in self.stages:
+                final = Path(self.run.inputs_from) / ref / "final"
+                if not final.exists():
+                    raise RecipeError(
+                        f"{self.source or '<recipe>'}: `{ref}` is not a stage of this recipe, so it is read from "
+                        f"`run.inputs_from` ({self.run.inputs_from}), but {final} does not exist. Run the recipe that "
+                        f"makes it first, or point `run.inputs_from` at a run directory that has `{ref}/final`."
+                    )
+                return str(final)
             return str(self.stage_dir(ref) / "final")
         return ref
 

@@ -134,3 +134,16 @@ def test_cli_output_into_a_closed_pipe_is_not_an_error():
     out = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
     assert out.returncode == 0
+
+
+def test_inputs_from_resolves_stages_this_recipe_does_not_run(tmp_path):
+    (tmp_path / "earlier" / "sft" / "final").mkdir(parents=True)
+    r = load_recipe(write(tmp_path, BASE))
+    assert r.resolve_model_ref("sft") == str(r.stage_dir("sft") / "final")  # default: the run's own dir
+    r.run.inputs_from = str(tmp_path / "earlier")
+    r.stages = ["ppo"]
+    assert r.resolve_model_ref("sft") == str(tmp_path / "earlier" / "sft" / "final")
+    assert r.resolve_model_ref("ppo") == str(r.stage_dir("ppo") / "final")  # a stage of this recipe: its own
+    assert r.resolve_model_ref("base") == r.model.name_or_path
+    with pytest.raises(RecipeError, match=r"`reward` is not a stage of this recipe.*reward/final does not exist"):
+        r.resolve_model_ref("reward")
