@@ -174,35 +174,21 @@ def prepare_output_dir(recipe: Recipe, force: bool = False) -> list[str]:
     if not resolved.exists():
         return []
     old, new = resolved.read_text(encoding="utf-8"), dump_recipe(recipe)
-    if old == new:
-        data_stages, lines = changed_inputs(recipe)
-        if not data_stages:
-            return []
-        listing = "\n".join(lines)
-        if not force:
-            raise RecipeError(
-                f"{recipe.output_dir} holds a run made from other data:\n{listing}\n"
-                "Its checkpoints and finished stages were trained on the old files. Run with --force to go on "
-                "with the new data (the stages from the first changed one rerun), or set run.output_dir to a new "
-                "directory."
-            )
-        rerun = list(recipe.stages[recipe.stages.index(data_stages[0]):])
-        log(f"--force: data changed; rerunning {', '.join(rerun)}:\n{listing}")
-        return rerun
-    diff = recipe_diff(old, new, str(resolved))
-    if not force:
-        raise RecipeError(
-            f"{recipe.output_dir} holds a run of a different recipe. What changed:\n{diff}\n"
-            "Run with --force to go on with the new recipe (the stages from the first changed one rerun), "
-            "or set run.output_dir to a new directory."
-        )
-    rerun = stages_to_rerun(old, recipe)
     data_stages, lines = changed_inputs(recipe)
-    if data_stages:
-        first = min(recipe.stages.index(s) for s in rerun + data_stages)
-        rerun = list(recipe.stages[first:])
-        diff += "\n" + "\n".join(lines)
-    log(f"--force: recipe changed; rerunning {', '.join(rerun) or 'no stage'}:\n{diff}")
+    if old == new and not data_stages:
+        return []
+    what = "\n".join(([recipe_diff(old, new, str(resolved))] if old != new else []) + lines)
+    if not force:
+        head = "of a different recipe. What changed" if old != new else "made from other data"
+        raise RecipeError(
+            f"{recipe.output_dir} holds a run {head}:\n{what}\n"
+            "Its checkpoints and finished stages were made from the old recipe or files. Run with --force to go "
+            "on with the new ones (the stages from the first changed one rerun), or set run.output_dir to a new "
+            "directory."
+        )
+    changed = (stages_to_rerun(old, recipe) if old != new else []) + data_stages
+    rerun = list(recipe.stages[min(map(recipe.stages.index, changed)):]) if changed else []
+    log(f"--force: {'recipe' if old != new else 'data'} changed; rerunning {', '.join(rerun) or 'no stage'}:\n{what}")
     return rerun
 
 
