@@ -218,6 +218,13 @@ class DistillConfig:
     clip_coef: float = 0.2
     lora: Optional[LoraConfig] = None
     iterations: int = 30
+    # Optional warm-up before the mixture iterations: `warmup_iterations` batches of fixed demonstrations
+    # (prompt + completion rows, e.g. the SFT data) whose states the teacher labels; no sampling, so a
+    # batch costs a fraction of a sampled one (GKD's supervised part). Divergence: `warmup_divergence`,
+    # default `divergence`. Full estimator only.
+    warmup_data: Optional[str] = None
+    warmup_iterations: int = 0
+    warmup_divergence: Optional[Literal["reverse_kl", "forward_kl", "jsd"]] = None
     rollout_batch_size: int = 16
     minibatch_size: int = 8
     micro_batch_size: int = 8

@@ -4,7 +4,12 @@
 
 A small student learns from a teacher by acting: the student samples responses and the teacher labels
 every state (prefix) the student visits with its whole next-token distribution (BACKGROUND: DAgger).
-Per iteration i (numbered as in `train_distill`):
+Optionally first (`warmup_iterations`, `warmup_data`): batches of fixed demonstrations (prompt + completion
+rows, e.g. the SFT data) whose every state the teacher labels, trained on with the full estimator and
+`warmup_divergence` (default `divergence`); no sampling, so such a batch costs the label and update passes
+only, a fraction of a sampled one (the supervised part of GKD, Agarwal et al. 2024). A freshly cut
+student is far from its teacher; this heals it cheaply before it learns on its own samples.
+Then per iteration i (numbered as in `train_distill`, after the warm-up):
   1. beta_i from the schedule: constant `beta`; linear from `beta` to `beta_end` over the iterations;
      exponential `beta * beta_decay**i`;
   2. roll out the mixture pi_i = beta_i * teacher + (1 - beta_i) * student, mixed PER SEQUENCE: each
@@ -57,6 +62,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,6 +311,17 @@ def check_config(cfg: DistillConfig, where: str) -> None:
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise RecipeError(f"{where}: `distill.{key}` is a probability in [0, 1], got {getattr(cfg, key)}.")
     check_generation_batch_size(cfg.generation_batch_size, "distill.generation_batch_size")
+    if cfg.warmup_iterations < 0:
+        raise RecipeError(f"{where}: `distill.warmup_iterations` must be >= 0, got {cfg.warmup_iterations}.")
+    if cfg.warmup_iterations and not cfg.warmup_data:
+        raise RecipeError(f"{where}: `distill.warmup_iterations: {cfg.warmup_iterations}` needs `distill.warmup_data`"
+                          " (prompt + completion rows, e.g. data/constraints/sft.jsonl).")
+    if cfg.warmup_data and not cfg.warmup_iterations:
+        raise RecipeError(f"{where}: `distill.warmup_data` is set but `distill.warmup_iterations` is 0; give the "
+                          "number of warm-up batches (or drop `warmup_data`).")
+    if cfg.warmup_iterations and cfg.estimator != "full":
+        raise RecipeError(f"{where}: the warm-up on fixed demonstrations needs `distill.estimator: full` (the "
+                          "sampled estimator weights tokens by the student's own sampling probabilities).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,6 +541,45 @@ def make_rollout(models: DistillModels, examples: list, cfg: DistillConfig, beta
     return batch, info
 
 
+def demonstration_batch(tokenizer, rows: list, max_new_tokens: int, device) -> RolloutBatch:
+    """Fixed demonstrations ({"prompt", "completion"}) as the states of a batch: the prompt left-padded as
+    for sampling, the completion's tokens (through the chat template's end-of-turn EOS, cut at
+    `max_new_tokens`) as the response. `from_teacher` is True on every row (not the student's samples)."""
+    from ..data import completion_token_ids
+
+    q, qm = encode_prompts(tokenizer, rows, device)
+    seqs = [completion_token_ids(tokenizer, ex["prompt"], ex["completion"])[:max_new_tokens] for ex in rows]
+    T = max(len(x) for x in seqs)
+    r = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    rm = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, x in enumerate(seqs):
+        r[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        rm[i, :len(x)] = True
+    ended = torch.tensor([x[-1] == tokenizer.eos_token_id for x in seqs])
+    batch = RolloutBatch(query_ids=q, query_mask=qm, response_ids=r.to(device), response_mask=rm.to(device),
+                         logprobs=None, ended=ended.to(device), prompts=list(rows))
+    batch.from_teacher = torch.ones(len(rows), dtype=torch.bool, device=device)
+    batch.rows = torch.arange(len(rows), device=device)
+    return batch
+
+
+@torch.no_grad()
+def make_warmup_batch(models: DistillModels, rows: list, cfg: DistillConfig, precision: Precision,
+                      timer: Throughput) -> tuple[RolloutBatch, dict]:
+    """A warm-up batch: the teacher labels the states of fixed demonstrations (no sampling).
+    -> (batch, {"stats", "texts"}) like `make_rollout` with the full estimator and no student pass."""
+    tok, device = models.tokenizer, next(models.student.parameters()).device
+    batch = demonstration_batch(tok, rows, cfg.max_new_tokens, device)
+    with timer.time("label"):
+        labels = label_states(models, batch, cfg.temperature, cfg.micro_batch_size, precision, student=False)
+    batch.teacher_logprobs, batch.teacher_logits = labels.teacher_logprobs, labels.teacher_logits
+    mask = batch.response_mask
+    texts = tok.batch_decode([ids[m].tolist() for ids, m in zip(batch.response_ids, mask)], skip_special_tokens=True)
+    stats = {"distill/warmup": 1.0, "distill/response_length": float(mask.sum(-1).float().mean()),
+             "distill/eos_share": float(batch.ended.float().mean())}
+    return batch, {"stats": stats, "texts": texts}
+
+
 def pass_rate(rows: list, texts: list[str]) -> Optional[float]:
     """Share of responses that follow all their instructions (rows with checkers only; None if none)."""
     from ..checkers import check_record
@@ -540,15 +596,21 @@ def pass_rate(rows: list, texts: list[str]) -> Optional[float]:
 
 def train_distill(models: DistillModels, prompts: list, cfg: DistillConfig, precision: Precision, stage_dir: Path,
                   seed: int = 0, metrics: Optional[MetricsLogger] = None, progress: bool = True,
-                  resume: bool = True, accelerator=None) -> list[dict]:
-    """Run `cfg.iterations` distillation iterations. Returns the per-iteration metrics (also in
-    metrics.jsonl, averaged over the processes). Checkpoints (student weights, optimizer, RNGs, prompt
+                  resume: bool = True, accelerator=None, demonstrations: Optional[list] = None) -> list[dict]:
+    """Run `cfg.warmup_iterations` warm-up iterations on `demonstrations` ({"prompt", "completion"} rows),
+    then `cfg.iterations` distillation iterations on the mixture. Returns the per-iteration metrics (also in
+    metrics.jsonl, averaged over the processes; warm-up rows have `distill/warmup: 1`). Checkpoints (student weights, optimizer, RNGs, prompt
     position) every `checkpoint_every` iterations and on SIGINT/SIGTERM; with `resume` continues from the
     newest. With an `accelerator` of several processes the student is DDP-wrapped (module docstring)."""
     check_config(cfg, "distill")
+    W, total = cfg.warmup_iterations, cfg.warmup_iterations + cfg.iterations
+    if W and not demonstrations:
+        raise ValueError("distill: warmup_iterations > 0 needs demonstrations to warm up on")
     engine = rollout_engine(cfg.rollout_engine, precision.device, "distill.rollout_engine")
     stage_dir = Path(stage_dir)
     sampler = PromptSampler(prompts, seed)
+    demo_sampler = PromptSampler(demonstrations, seed + 2) if W else None
+    warmup_cfg = dataclasses.replace(cfg, divergence=cfg.warmup_divergence or cfg.divergence)
     params = [p for p in models.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
     world, rank = process_split(accelerator, "distill", rollout_batch_size=cfg.rollout_batch_size,
@@ -572,35 +634,46 @@ def train_distill(models: DistillModels, prompts: list, cfg: DistillConfig, prec
     if latest is not None:
         state = load_checkpoint(latest, ckpt_models, optimizer, generators, rank=rank)
         sampler.load_state_dict(state["sampler"])
+        if demo_sampler is not None and state.get("warmup_sampler"):
+            demo_sampler.load_state_dict(state["warmup_sampler"])
         start, nonfinite = state["iteration"] + 1, state["nonfinite"]
         if is_main:
             truncate_jsonl(stage_dir / "metrics.jsonl", state["iteration"])
             truncate_jsonl(stage_dir / "samples.jsonl", state["iteration"], key="iteration")
             history = [r for r in read_jsonl(stage_dir / "metrics.jsonl") if "distill/loss" in r]
-        log(f"distill: resuming from {latest} (iteration {start} of {cfg.iterations})")
+        log(f"distill: resuming from {latest} (iteration {start} of {total})")
     elif is_main:
         for name in ("metrics.jsonl", "samples.jsonl"):  # rows of an earlier attempt without a checkpoint
             (stage_dir / name).unlink(missing_ok=True)
     metrics = metrics or (MetricsLogger(stage_dir) if is_main else None)
-    bar = tqdm(range(start, cfg.iterations + 1), desc="distill", disable=not (progress and is_main),
-               initial=start - 1, total=cfg.iterations)
+    bar = tqdm(range(start, total + 1), desc="distill", disable=not (progress and is_main),
+               initial=start - 1, total=total)
     for it in bar:
         timer = Throughput()
-        # 1-2. beta_i, then roll out the mixture; 3. the teacher labels every visited state.
-        beta = beta_at(cfg, it - 1)
-        coins = mixture_coins(cfg.rollout_batch_size, beta, mixture)  # the whole batch's, on every process
-        gen = Generation(engine, cfg.generation_batch_size,
-                         chunk_seed(seed, it) if cfg.generation_batch_size else None, rank * local_rows)
-        batch, info = make_rollout(models, shard(sampler.next(cfg.rollout_batch_size), rank, world), cfg, beta,
-                                   precision, timer, mixture, gen, shard(coins, rank, world), student_pass)
+        warmup = it <= W
+        if warmup:
+            # 0. warm-up: the teacher labels the states of fixed demonstrations (no sampling).
+            beta = None
+            batch, info = make_warmup_batch(models, shard(demo_sampler.next(cfg.rollout_batch_size), rank, world),
+                                            cfg, precision, timer)
+        else:
+            # 1-2. beta_i, then roll out the mixture; 3. the teacher labels every visited state.
+            beta = beta_at(cfg, it - W - 1)
+            coins = mixture_coins(cfg.rollout_batch_size, beta, mixture)  # the whole batch's, on every process
+            gen = Generation(engine, cfg.generation_batch_size,
+                             chunk_seed(seed, it) if cfg.generation_batch_size else None, rank * local_rows)
+            batch, info = make_rollout(models, shard(sampler.next(cfg.rollout_batch_size), rank, world), cfg, beta,
+                                       precision, timer, mixture, gen, shard(coins, rank, world), student_pass)
         # 4. update the student on this batch through the shared loop.
-        recorder = None if student_pass else StateStats(batch)
-        loss_fn = make_loss_fn(models, cfg, precision, recorder)
+        recorder = None if (student_pass and not warmup) else StateStats(batch)
+        loss_fn = make_loss_fn(models, warmup_cfg if warmup else cfg, precision, recorder)
         with timer.time("train"):
             upd = optimise(batch, loss_fn, optimizer, params, update, shuffle, accelerator, models=(models.student,))
         if recorder is not None:
             kl_stats, info["row_reverse_kl"] = state_stats(batch, recorder.reverse_kl, recorder.forward_kl,
                                                            recorder.entropy)
+            if warmup:  # every row is a demonstration: its figures are not the student's own samples'
+                kl_stats = {k.replace("_teacher_rows", "_demonstrations"): v for k, v in kl_stats.items()}
             info["stats"].update(kl_stats)
         stats = dict(info["stats"])
         stats.update({k: v for k, v in upd.items() if k.startswith("distill/")})
@@ -623,16 +696,18 @@ def train_distill(models: DistillModels, prompts: list, cfg: DistillConfig, prec
             metrics.log(it, stats)
         history.append(stats)
         post = {"rkl": f"{stats['distill/reverse_kl']:.3f}"} if "distill/reverse_kl" in stats else {}
-        bar.set_postfix(loss=f"{stats['distill/loss']:.3f}", beta=f"{beta:.2f}", **post)
+        bar.set_postfix(loss=f"{stats['distill/loss']:.3f}", beta="warm-up" if warmup else f"{beta:.2f}", **post)
         if is_main and cfg.log_samples_every and (it == 1 or it % cfg.log_samples_every == 0):
             log_samples(stage_dir, it, batch, info, n=3)
         signum = interrupt_signal()
-        if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.iterations) or signum:
+        if (cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < total) or signum:
             path = ckpt_root / f"iter-{it:06d}"
             rngs = rank_rng_states(accelerator)  # every process's sampling RNG, gathered on all
             if is_main:
                 path = save_checkpoint(ckpt_root, it, ckpt_models, optimizer,
-                                       {"sampler": sampler.state_dict(), "nonfinite": nonfinite}, generators,
+                                       {"sampler": sampler.state_dict(), "nonfinite": nonfinite,
+                                        "warmup_sampler": demo_sampler.state_dict() if demo_sampler else None},
+                                       generators,
                                        rank_rngs=rngs)
             if accelerator is not None:
                 accelerator.wait_for_everyone()
@@ -646,8 +721,10 @@ def log_samples(stage_dir: Path, it: int, batch: RolloutBatch, info: dict, n: in
         for i in range(min(n, len(batch))):
             ex = batch.prompts[i]
             prompt = ex["prompt"][-1]["content"] if isinstance(ex, dict) else str(ex)
+            source = ("demonstration" if info["stats"].get("distill/warmup")
+                      else "teacher" if bool(batch.from_teacher[i]) else "student")
             f.write(json.dumps({"iteration": it, "prompt": prompt, "response": info["texts"][i],
-                                "from_teacher": bool(batch.from_teacher[i]),
+                                "from_teacher": bool(batch.from_teacher[i]), "source": source,
                                 "reverse_kl_per_token": info["row_reverse_kl"][i]}) + "\n")
 
 
@@ -749,7 +826,7 @@ def heldout_spec(cfg: DistillConfig) -> Optional[str]:
 
 
 def run(recipe: Recipe, stage_dir: Path) -> dict:
-    from ..data import load_rows, prompt_examples
+    from ..data import load_rows, prompt_examples, sft_examples
 
     cfg: DistillConfig = recipe.distill
     stage_dir = Path(stage_dir)
@@ -758,11 +835,14 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
     prompts = prompt_examples(load_rows(cfg.prompts), cfg.prompts)
     spec = heldout_spec(cfg)
     heldout = prompt_examples(load_rows(spec), spec) if spec else None
+    demos = sft_examples(load_rows(cfg.warmup_data), cfg.warmup_data) if cfg.warmup_iterations else None
     models = build_models(recipe, cfg, precision)
     history = train_distill(models, prompts, cfg, precision, stage_dir, seed=recipe.run.seed,
-                            accelerator=accelerator)
+                            accelerator=accelerator, demonstrations=demos)
     if accelerator.is_main_process:
         save_final(unwrap_for_generation(models.student), models.tokenizer, stage_dir / "final")
+    warm = [h for h in history if h.get("distill/warmup")]
+    history = [h for h in history if not h.get("distill/warmup")]
     first, last, tail = history[0], history[-1], history[-5:]
     summary: dict[str, Any] = {
         "iterations": len(history), "teacher_from": recipe.resolve_model_ref(cfg.teacher_from),
@@ -776,6 +856,11 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
             summary[f"{k}_first"], summary[f"{k}_last"] = first[k], last[k]
             vals = [h[k] for h in tail if k in h]
             summary[f"{k}_last5_mean"] = sum(vals) / len(vals)
+    if warm:
+        summary["warmup_iterations"] = len(warm)
+        summary["warmup_tokens"] = int(sum(h["distill/response_length"] * cfg.rollout_batch_size for h in warm))
+        summary["distill/warmup_loss_first"], summary["distill/warmup_loss_last"] = (warm[0]["distill/loss"],
+                                                                                   warm[-1]["distill/loss"])
     if heldout and accelerator.is_main_process:  # the other processes' summaries are not written
         log(f"distill: held-out evaluation on {len(heldout)} prompts from {spec}")
         result = heldout_eval(models, heldout, cfg, precision, progress=True, seed=recipe.run.seed)

@@ -486,3 +486,129 @@ def test_distinct_ngrams_hand_computed():
     assert distinct_ngrams(["a b a b a", "x y z", "w"], n=2) == pytest.approx((0.5 + 1.0) / 2)
     assert distinct_ngrams(["a. a. a. a. a."], n=4) == pytest.approx(1 / 2)
     assert distinct_ngrams(["too short"], n=4) is None
+
+
+# ------------------------------------------------------------------------------ warm-up on demonstrations
+
+DEMOS = [{"prompt": [{"role": "user", "content": f"write a short poem about the sea {i}"}],
+          "completion": ["the sea is blue and the dog sleeps", "* first point\n* second point",
+                         "the quick brown fox jumps over the lazy dog"][i % 3]} for i in range(12)]
+
+
+def test_demonstration_batch_is_the_completion_tokens_through_eos():
+    from pipeline.data import completion_token_ids, prompt_token_ids
+    from pipeline.stages.distill import demonstration_batch
+
+    tok = build_tiny_tokenizer()
+    rows = DEMOS[:3]
+    full = [completion_token_ids(tok, ex["prompt"], ex["completion"]) for ex in rows]
+    assert all(ids[-1] == tok.eos_token_id for ids in full)
+    cut = min(len(ids) for ids in full) + 1  # one row fits with its EOS, the longer ones are cut
+    batch = demonstration_batch(tok, rows, cut, torch.device("cpu"))
+    for i, ids in enumerate(full):
+        kept = ids[:cut]
+        n = len(kept)
+        assert batch.response_ids[i, :n].tolist() == kept
+        assert batch.response_mask[i].tolist() == [True] * n + [False] * (batch.response_ids.shape[1] - n)
+        assert bool(batch.ended[i]) == (len(ids) <= cut)
+        p = prompt_token_ids(tok, rows[i]["prompt"])  # left-padded prompt, as for sampling
+        assert batch.query_ids[i, -len(p):].tolist() == p and int(batch.query_mask[i].sum()) == len(p)
+    assert batch.ended.tolist().count(True) >= 1 and not batch.ended.all()
+    assert batch.from_teacher.all() and batch.rows.tolist() == [0, 1, 2]
+
+
+def test_warmup_on_demonstrations_lowers_the_kl_at_their_states_then_hands_over_to_the_mixture(tmp_path):
+    torch.manual_seed(0)
+    models = tiny_pair()
+    cfg = cfg_for(warmup_data="demos.jsonl", warmup_iterations=12, warmup_divergence="forward_kl", iterations=2,
+                  beta=1.0, beta_schedule="linear", beta_end=0.0, rollout_batch_size=4, minibatch_size=4,
+                  log_samples_every=1)
+    hist = train_distill(models, PROMPTS, cfg, PREC, tmp_path, seed=0, progress=False, demonstrations=DEMOS)
+    assert len(hist) == 14
+    warm, mix = hist[:12], hist[12:]
+    assert all(h["distill/warmup"] == 1.0 and "distill/beta" not in h for h in warm)
+    assert [h["distill/beta"] for h in mix] == [1.0, 0.0] and not any("distill/warmup" in h for h in mix)
+    # Warm-up figures are at the demonstrations' states, logged apart from the mixture's.
+    assert "distill/forward_kl_demonstrations" in warm[0] and "distill/reverse_kl" not in warm[0]
+    # Trained on forward KL at fixed states: the forward KL there falls (each state is seen once per
+    # 3 batches, so the figure is the one the update starts from).
+    first = sum(h["distill/forward_kl_demonstrations"] for h in warm[:3]) / 3
+    last = sum(h["distill/forward_kl_demonstrations"] for h in warm[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    assert warm[0]["distill/loss"] == pytest.approx(warm[0]["distill/forward_kl_demonstrations"], rel=1e-4)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert {s["source"] for s in samples if s["iteration"] <= 12} == {"demonstration"}
+    assert {s["source"] for s in samples if s["iteration"] == 14} == {"student"}
+
+
+def test_warmup_divergence_defaults_to_the_divergence(tmp_path):
+    """Warm-up loss = the exact per-token divergence at the demonstrations' states, before any step."""
+    for div, warm_div, key in (("reverse_kl", None, "reverse_kl"), ("reverse_kl", "forward_kl", "forward_kl")):
+        torch.manual_seed(0)
+        models = tiny_pair()
+        cfg = cfg_for(divergence=div, warmup_divergence=warm_div, warmup_data="d.jsonl", warmup_iterations=1,
+                      iterations=1, rollout_batch_size=4, minibatch_size=4, micro_batch_size=4, lr=0.0)
+        hist = train_distill(models, PROMPTS, cfg, PREC, tmp_path / key, seed=0, progress=False,
+                             demonstrations=DEMOS)
+        assert hist[0]["distill/loss"] == pytest.approx(hist[0][f"distill/{key}_demonstrations"], rel=1e-4)
+
+
+def test_warmup_resumes_mid_warmup_like_an_uninterrupted_run(tmp_path):
+    cfg = cfg_for(warmup_data="d.jsonl", warmup_iterations=3, iterations=2, beta=0.5, rollout_batch_size=4,
+                  minibatch_size=4, checkpoint_every=2)
+    params = []
+    for name in ("whole", "resumed"):
+        torch.manual_seed(0)
+        models = tiny_pair()
+        hist = train_distill(models, PROMPTS, cfg, PREC, tmp_path / name, seed=0, progress=False,
+                             demonstrations=DEMOS)
+        if name == "resumed":  # drop the later checkpoint: resume from iteration 2, inside the warm-up
+            import shutil
+
+            shutil.rmtree(tmp_path / name / "checkpoints" / "iter-000004")
+            torch.manual_seed(123)  # the checkpoint's RNG states, not this, must decide what follows
+            models = tiny_pair()
+            hist = train_distill(models, PROMPTS, cfg, PREC, tmp_path / name, seed=0, progress=False,
+                                 demonstrations=DEMOS)
+            assert len(hist) == 5 and [h.get("distill/warmup") for h in hist] == [1.0, 1.0, 1.0, None, None]
+        params.append(torch.cat([p.detach().flatten() for p in models.student.parameters()]))
+    torch.testing.assert_close(params[0], params[1])
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(warmup_iterations=2), "needs `distill.warmup_data`"),
+    (dict(warmup_data="d.jsonl"), "`distill.warmup_iterations` is 0"),
+    (dict(warmup_data="d.jsonl", warmup_iterations=2, estimator="sampled"), "needs `distill.estimator: full`"),
+    (dict(warmup_data="d.jsonl", warmup_iterations=-1), "must be >= 0"),
+])
+def test_warmup_config_errors(kw, match):
+    with pytest.raises(RecipeError, match=match):
+        check_config(cfg_for(**kw), "r.yaml")
+
+
+def test_stage_run_with_warmup_data_file(tmp_path):
+    from pipeline.runner import run_recipe
+
+    tok = build_tiny_tokenizer()
+    peaked_teacher(tok, n_layers=4).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": d["prompt"][0]["content"], "completion": d["completion"]}
+                                                   for d in DEMOS])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": "Describe a cat. Do not use any commas.",
+                                                  "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}])
+    recipe = _recipe(tmp_path, tmp_path / "teacher", warmup_data=str(demos), warmup_iterations=2,
+                     heldout_prompts=str(held))
+    summary = run_recipe(recipe)["distill"]
+    assert summary["iterations"] == 2 and summary["warmup_iterations"] == 2 and summary["warmup_tokens"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("distill/warmup") for r in rows] == [1.0, 1.0, None, None]
+    # The warm-up file is one of the stage's recorded inputs (a changed file is refused on rerun).
+    inputs = json.loads((tmp_path / "run" / "inputs.json").read_text())
+    assert str(demos) in inputs["distill"]
+    # A bad row names the file and the row.
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "completion": "yes"}, {"prompt": "no completion"}])
+    bad = _recipe(tmp_path, tmp_path / "teacher", warmup_data=str(tmp_path / "bad.jsonl"), warmup_iterations=1,
+                  heldout_prompts=str(held))
+    bad.run.output_dir = str(tmp_path / "run_bad")
+    with pytest.raises(Exception, match=r"bad\.jsonl.*2"):
+        run_recipe(bad)
