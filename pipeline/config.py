@@ -234,6 +234,9 @@ class DistillConfig:
     temperature: float = 1.0
     max_grad_norm: float = 1.0
     heldout_prompts: Optional[str] = None
+    # Prompts per generate call in the held-out evaluation (default: rollout_batch_size). Larger batches
+    # mean fewer sequential decode steps; greedy answers do not depend on it.
+    heldout_batch_size: Optional[int] = None
     log_samples_every: int = 10
     checkpoint_every: int = 10
     max_nonfinite_steps: int = 3

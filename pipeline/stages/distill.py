@@ -311,6 +311,8 @@ def check_config(cfg: DistillConfig, where: str) -> None:
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise RecipeError(f"{where}: `distill.{key}` is a probability in [0, 1], got {getattr(cfg, key)}.")
     check_generation_batch_size(cfg.generation_batch_size, "distill.generation_batch_size")
+    if cfg.heldout_batch_size is not None and cfg.heldout_batch_size < 1:
+        raise RecipeError(f"{where}: `distill.heldout_batch_size` must be >= 1, got {cfg.heldout_batch_size}.")
     if cfg.warmup_iterations < 0:
         raise RecipeError(f"{where}: `distill.warmup_iterations` must be >= 0, got {cfg.warmup_iterations}.")
     if cfg.warmup_iterations and not cfg.warmup_data:
@@ -758,7 +760,7 @@ def heldout_eval(models: DistillModels, examples: list, cfg: DistillConfig, prec
     loop that the teacher would also repeat scores a low KL there, so they flatter degenerate students."""
     tok, V = models.tokenizer, models.vocab_size
     device = next(models.student.parameters()).device
-    bs = cfg.rollout_batch_size
+    bs = cfg.heldout_batch_size or cfg.rollout_batch_size
     out: dict[str, Any] = {"prompts": len(examples), "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
                            "kl_states": "student samples at temperature 1"}
     T = cfg.max_new_tokens

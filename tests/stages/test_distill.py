@@ -612,3 +612,19 @@ def test_stage_run_with_warmup_data_file(tmp_path):
     bad.run.output_dir = str(tmp_path / "run_bad")
     with pytest.raises(Exception, match=r"bad\.jsonl.*2"):
         run_recipe(bad)
+
+
+def test_heldout_batch_size_leaves_the_greedy_figures_unchanged():
+    torch.manual_seed(0)
+    models = tiny_pair()
+    rows = PROMPTS[:8]
+    out = [heldout_eval(models, rows, cfg_for(max_new_tokens=8, heldout_batch_size=b), PREC) for b in (None, 3)]
+    for who in ("teacher", "student"):
+        assert out[0][who]["response_length"] == out[1][who]["response_length"]
+        assert out[0][who]["eos_share"] == out[1][who]["eos_share"]
+    assert out[1]["reverse_kl_per_token_greedy"] == pytest.approx(out[0]["reverse_kl_per_token_greedy"], rel=1e-4)
+    assert out[1]["prompts_by_position_greedy"] == out[0]["prompts_by_position_greedy"]
+    # The batches did change: the sampled answers are seeded per batch, so their KL is another draw.
+    assert out[1]["reverse_kl_per_token"] != out[0]["reverse_kl_per_token"]
+    with pytest.raises(RecipeError, match="heldout_batch_size"):
+        check_config(cfg_for(heldout_batch_size=0), "r.yaml")
