@@ -63,6 +63,7 @@ def run_distill(out: Path) -> None:
     from accelerate import PartialState
 
     teacher_dir, prompts, heldout = out / "teacher", out / "prompts.jsonl", out / "heldout.jsonl"
+    demos = out / "demos.jsonl"
     if PartialState().is_main_process:  # the inputs, written once; the others wait for them
         tok = build_tiny_tokenizer()
         teacher = build_tiny_model(tok, n_layers=4, seed=1)
@@ -72,6 +73,7 @@ def run_distill(out: Path) -> None:
         tok.save_pretrained(teacher_dir)
         write_jsonl(prompts, [{"prompt": p} for p in PROMPTS])
         write_jsonl(heldout, [{"prompt": p} for p in PROMPTS[:2]])
+        write_jsonl(demos, [{"prompt": p, "completion": p[::-1]} for p in PROMPTS])
     PartialState().wait_for_everyone()
     recipe = parse_recipe({
         "run": {"output_dir": str(out / "run"), "seed": 0}, "stages": ["distill"],
@@ -80,7 +82,8 @@ def run_distill(out: Path) -> None:
                     "prompts": str(prompts), "heldout_prompts": str(heldout), "beta": 0.5,
                     "iterations": 3, "rollout_batch_size": ROLLOUT, "minibatch_size": ROLLOUT,
                     "micro_batch_size": 2, "generation_batch_size": ROLLOUT // 2, "epochs": 2, "lr": 3e-3,
-                    "max_new_tokens": 8, "log_samples_every": 1, "checkpoint_every": 2}},
+                    "max_new_tokens": 8, "log_samples_every": 1, "checkpoint_every": 2,
+                    "warmup_data": str(demos), "warmup_iterations": 2, "warmup_divergence": "forward_kl"}},
         str(out / "recipe.yaml"))
     run_recipe(recipe)
 
