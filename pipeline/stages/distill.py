@@ -62,9 +62,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -112,7 +111,7 @@ from ..onpolicy import (
     shard,
     unwrap_for_generation,
 )
-from ..rollout_vllm import rollout_engine
+from ..rollout_vllm import pad_responses, rollout_engine
 from ..rl import (
     entropy_from_logits,
     forward_kl_full,
@@ -551,15 +550,9 @@ def demonstration_batch(tokenizer, rows: list, max_new_tokens: int, device) -> R
 
     q, qm = encode_prompts(tokenizer, rows, device)
     seqs = [completion_token_ids(tokenizer, ex["prompt"], ex["completion"])[:max_new_tokens] for ex in rows]
-    T = max(len(x) for x in seqs)
-    r = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
-    rm = torch.zeros((len(rows), T), dtype=torch.bool)
-    for i, x in enumerate(seqs):
-        r[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        rm[i, :len(x)] = True
-    ended = torch.tensor([x[-1] == tokenizer.eos_token_id for x in seqs])
-    batch = RolloutBatch(query_ids=q, query_mask=qm, response_ids=r.to(device), response_mask=rm.to(device),
-                         logprobs=None, ended=ended.to(device), prompts=list(rows))
+    r, rm, ended = pad_responses(seqs, tokenizer.eos_token_id, tokenizer.pad_token_id, device)
+    batch = RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=None, ended=ended,
+                         prompts=list(rows))
     batch.from_teacher = torch.ones(len(rows), dtype=torch.bool, device=device)
     batch.rows = torch.arange(len(rows), device=device)
     return batch
@@ -612,7 +605,7 @@ def train_distill(models: DistillModels, prompts: list, cfg: DistillConfig, prec
     stage_dir = Path(stage_dir)
     sampler = PromptSampler(prompts, seed)
     demo_sampler = PromptSampler(demonstrations, seed + 2) if W else None
-    warmup_cfg = dataclasses.replace(cfg, divergence=cfg.warmup_divergence or cfg.divergence)
+    warmup_cfg = replace(cfg, divergence=cfg.warmup_divergence or cfg.divergence)
     params = [p for p in models.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
     world, rank = process_split(accelerator, "distill", rollout_batch_size=cfg.rollout_batch_size,
