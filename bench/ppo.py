@@ -27,7 +27,7 @@ from pipeline.config import LoraConfig, ModelConfig, PPOConfig, Recipe  # noqa: 
 from pipeline.data import load_rows, prompt_examples  # noqa: E402
 from pipeline.models import resolve_precision  # noqa: E402
 import pipeline.stages.ppo as ppo_stage  # noqa: E402
-from pipeline.onpolicy import ValueModel  # noqa: E402
+from pipeline.rlmodels import ValueModel  # noqa: E402
 from pipeline.stages.ppo import PPOModels, build_models, train_ppo  # noqa: E402
 
 from bench_common import CPUThroughput  # noqa: E402  (bench/, the script's own folder)

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.checkers import apply_constraints, check_record  # noqa: E402
+from pipeline.ifeval import assert_no_ifeval_prompts, find_ifeval_prompts  # noqa: E402
 
 LOWER, CAPITAL, NO_COMMA = "change_case:english_lowercase", "change_case:english_capital", "punctuation:no_comma"
 WORDS, END, KEYWORDS = "length_constraints:number_words", "startend:end_checker", "keywords:existence"
@@ -612,6 +613,9 @@ def main() -> None:
         return [{"id": f"{prefix}-{i:04d}", "prompt": r["prompt"], "instruction_id_list": r["instruction_id_list"],
                  "kwargs": r["kwargs"]} for i, r in enumerate(rows)]
 
+    # IFEval is for evaluation only: no training prompt may carry one (checked before anything is written).
+    hits = find_ifeval_prompts([r["prompt"] for r in sft_rows + prefs + ranked + rl_p])
+    assert not hits, f"IFEval prompts in the training data (row, IFEval key): {hits[:5]}"
     write_jsonl(out / "sft.jsonl", sft_rows)
     write_jsonl(out / "prefs.jsonl", prefs)
     write_jsonl(out / "prefs_ranked.jsonl", ranked)
@@ -651,6 +655,8 @@ def check_disjoint(out: Path, held_out: Path) -> None:
             assert stem[:30] not in text, f"held-out phrasing {h!r} occurs in training data"
     for task in HELDOUT_TASKS:
         assert task.split("{")[0].strip().lower() not in text, f"held-out framing {task!r} in training data"
+    # The opening ten words of every one of IFEval's 541 prompts (pipeline/ifeval.py, DataError on a hit).
+    assert_no_ifeval_prompts([out / n for n in ("sft.jsonl", "prefs.jsonl", "prefs_ranked.jsonl", "prompts.jsonl")])
     ifeval = ROOT / "eval" / "ifeval" / "subset_supported.jsonl"
     if ifeval.exists():
         for line in ifeval.read_text(encoding="utf-8").splitlines():

@@ -1,43 +1,45 @@
-"""IFEval-style instruction checkers for the supported subset of instruction ids.
+"""IFEval instruction checks: a thin adapter over lm-evaluation-harness's IFEval verifiers.
 
-One module shared by the data script, the evaluation and the verifier reward.
+One module shared by the data script, the evaluation, the PPO/distillation pass rates and the
+verifier reward. The verdicts are lm-evaluation-harness's (`lm_eval/tasks/ifeval`, the scorer papers
+and leaderboards use; a maintained copy of Google's instruction registry, Zhou et al. 2023,
+arXiv:2311.07911): ``check_record`` builds the harness's ``InputExample`` and calls its
+``test_instruction_following_strict`` / ``test_instruction_following_loose``, for all 25 instruction
+ids. Nothing is re-implemented here; see ``pipeline/ifeval.py`` for how the harness is loaded offline
+(NLTK ``punkt_tab``) and ``docs/ifeval.md`` for what that means for the numbers.
 
-The checkers follow the semantics of google-research
-``instruction_following_eval/instructions.py`` (Zhou et al. 2023, arXiv:2311.07911) for the
-eight ids listed in ``SUPPORTED_IDS``. Deliberate deviations from upstream, all noted where
-they occur:
+What this module adds around the harness:
 
-* ``change_case:*``: no language detection (upstream also requires ``langdetect`` to say "en").
-* ``keywords:existence``: keywords are matched literally (``re.escape``); upstream passes the
-  keyword to ``re.search`` as a raw pattern.
-* kwargs are validated strictly. Where upstream would silently draw a *random* value (missing,
-  ``None``, empty or negative argument) we raise ``ValueError`` instead. Extra kwargs whose
-  value is ``None`` are ignored, as upstream effectively does.
+* Validation. The harness silently replaces a missing or falsy kwarg (``None``, ``0``, ``""``,
+  ``[]``) by a *random* value, and raises a bare ``TypeError`` on an unknown one. ``validate_record``
+  (called on every data file) and every check reject those with a message naming the file, row,
+  instruction and kwarg, and an unknown instruction id with a "did you mean" suggestion. Extra kwargs
+  whose value is ``None`` are ignored (the hub copy of IFEval lists every kwarg, mostly ``None``).
+* Determinism: langdetect (english_lowercase / english_capital / response_language) is seeded at 0.
+* Loose: ``loose=True`` is the harness's loose variant (the response as is, without its first line,
+  without its last line, without both, and each with every ``*`` removed; any passing variant counts).
+  Like the harness, a blank response follows no instruction.
+* ``describe``: a short description, for error messages of the data script.
+* Fixers (``apply_constraint`` / ``apply_constraints``, data generation only): turn plain text into
+  text that satisfies one of the eight instruction ids the built-in task trains on. They never use
+  evaluation prompts, and their output is judged by the harness like everything else.
 
-Evaluation level vs. raw checkers: like upstream ``evaluation_lib``, an instruction only
-counts as followed when the response is non-blank (``response.strip()``). That guard lives in
-``check_instruction`` / ``check_record``; the raw functions in ``CHECKERS`` do not apply it
-(e.g. ``CHECKERS["punctuation:no_comma"]("", {})`` is ``True`` but
-``check_instruction("punctuation:no_comma", "", {})`` is ``False``).
-
-The "loose" variant (``loose=True``) follows upstream ``test_instruction_following_loose``:
-an instruction passes if it passes on any of eight variants of the response (as is, without
-its first line, without its last line, without both, and each of these with every ``*``
-removed), ignoring blank variants.
-
-Fixers (``apply_constraint`` / ``apply_constraints``) turn plain text into text satisfying
-an instruction, for synthetic data generation. They never use evaluation prompts.
+Known gameability (the harness's verdict, kept as is for scoring): ``detectable_format:json_format``
+passes any text that parses as JSON, so a whole answer wrapped in double quotes passes it (a JSON
+string). ``pipeline.rewards.VerifierReward`` can refuse that for training only (``json_guard``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import random
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 __all__ = [
-    "CHECKERS",
+    "FIXABLE_IDS",
     "FIX_ORDER",
     "SUPPORTED_IDS",
     "UnknownInstructionError",
@@ -60,40 +62,9 @@ QUOTATION = "startend:quotation"
 
 RELATIONS = ("less than", "at least")
 
-# The 25 upstream IFEval ids (for a clearer error message on ids we do not support).
-_UPSTREAM_IDS = frozenset(
-    {
-        "change_case:capital_word_frequency",
-        "change_case:english_capital",
-        "change_case:english_lowercase",
-        "combination:repeat_prompt",
-        "combination:two_responses",
-        "detectable_content:number_placeholders",
-        "detectable_content:postscript",
-        "detectable_format:constrained_response",
-        "detectable_format:json_format",
-        "detectable_format:multiple_sections",
-        "detectable_format:number_bullet_lists",
-        "detectable_format:number_highlighted_sections",
-        "detectable_format:title",
-        "keywords:existence",
-        "keywords:forbidden_words",
-        "keywords:frequency",
-        "keywords:letter_frequency",
-        "language:response_language",
-        "length_constraints:nth_paragraph_first_word",
-        "length_constraints:number_paragraphs",
-        "length_constraints:number_sentences",
-        "length_constraints:number_words",
-        "punctuation:no_comma",
-        "startend:end_checker",
-        "startend:quotation",
-    }
-)
-
 
 class UnknownInstructionError(ValueError):
-    """An instruction id that is not in ``SUPPORTED_IDS``.
+    """An instruction id that is not one of IFEval's 25 (``SUPPORTED_IDS``).
 
     Attributes:
         instruction_id: the offending id.
@@ -106,11 +77,9 @@ class UnknownInstructionError(ValueError):
         self.where = where
         self.suggestion = _suggest(instruction_id)
         msg = f"unknown instruction id {instruction_id!r}"
-        if isinstance(instruction_id, str) and instruction_id in _UPSTREAM_IDS:
-            msg += " (an IFEval id outside our supported subset)"
         if self.suggestion:
             msg += f"; did you mean {self.suggestion!r}?"
-        msg += " Supported ids: " + ", ".join(SUPPORTED_IDS)
+        msg += " Supported ids (IFEval's, scored by lm-evaluation-harness): " + ", ".join(SUPPORTED_IDS)
         super().__init__(_at(where, msg))
 
 
@@ -135,7 +104,7 @@ def _suggest(instruction_id: object) -> str | None:
 
 
 def count_words(text: str) -> int:
-    """Count words like upstream (nltk ``RegexpTokenizer(r"\\w+")``)."""
+    """Count words like the harness (nltk ``RegexpTokenizer(r"\\w+")``); used by the fixers."""
     return len(re.findall(r"\w+", text))
 
 
@@ -144,7 +113,7 @@ _BULLET_DASH = re.compile(r"^\s*-.*$", flags=re.MULTILINE)
 
 
 def count_bullets(text: str) -> int:
-    """Count bullet lines exactly like upstream (``*`` bullets plus ``-`` bullets)."""
+    """Count bullet lines like the harness (``*`` bullets plus ``-`` bullets); used by the fixers."""
     return len(_BULLET_STAR.findall(text)) + len(_BULLET_DASH.findall(text))
 
 
@@ -155,11 +124,13 @@ def _is_bullet_line(line: str) -> bool:
 # --------------------------------------------------------------------------- kwargs
 
 
-def _int_ge0(name: str, value: Any) -> str | None:
+def _count(name: str, value: Any) -> str | None:
+    # The harness drops falsy kwargs (0 included) and then draws a random count: 0 is refused.
     if isinstance(value, bool) or not isinstance(value, int):
         return f"{name} must be an int, got {type(value).__name__} {value!r}"
-    if value < 0:
-        return f"{name} must be >= 0, got {value}"
+    if value < 1:
+        return (f"{name} must be >= 1, got {value} (lm-evaluation-harness drops a 0 or negative count and "
+                "draws a random one)")
     return None
 
 
@@ -175,31 +146,87 @@ def _nonempty_str(name: str, value: Any) -> str | None:
     return None
 
 
-def _keyword_list(name: str, value: Any) -> str | None:
-    if (
-        not isinstance(value, (list, tuple))
-        or not value
-        or not all(isinstance(k, str) and k.strip() for k in value)
-    ):
-        return f"{name} must be a non-empty list of non-empty strings, got {value!r}"
+def _pattern(name: str, value: Any) -> str | None:
+    # The harness passes keywords to re.search as regular expressions.
+    problem = _nonempty_str(name, value)
+    if problem:
+        return problem
+    try:
+        re.compile(value)
+    except re.error as e:
+        return f"{name} {value!r} is not a valid regular expression ({e}); the harness searches it as one"
     return None
 
 
-# instruction id -> {kwarg name: validator}; every listed kwarg is required.
+def _keyword_list(name: str, value: Any) -> str | None:
+    if not isinstance(value, (list, tuple)) or not value:
+        return f"{name} must be a non-empty list of non-empty strings, got {value!r}"
+    for k in value:
+        problem = _pattern(name, k)
+        if problem:
+            return f"{name} must be a non-empty list of non-empty strings: {problem}"
+    return None
+
+
+def _letter(name: str, value: Any) -> str | None:
+    # One character. A non-letter is accepted because public IFEval has two (keys 1122 '#' and 1129 '!');
+    # the harness then checks a random letter instead (see check_record).
+    if not isinstance(value, str) or len(value) != 1:
+        return f"{name} must be one ASCII letter, got {value!r}"
+    return None
+
+
+def _draws_at_random(instruction_id: str, kwargs: Mapping[str, Any]) -> bool:
+    letter = kwargs.get("letter", "a") if instruction_id == "keywords:letter_frequency" else "a"
+    return not ("a" <= letter.lower() <= "z")
+
+
+def _language(name: str, value: Any) -> str | None:
+    from .ifeval import harness
+
+    codes = harness().instructions_util.LANGUAGE_CODES
+    if value not in codes:
+        return f"{name} must be an ISO 639-1 code the harness knows ({', '.join(codes)}), got {value!r}"
+    return None
+
+
+# instruction id -> {kwarg name: validator}; every listed kwarg is required (the harness would draw a
+# missing one at random). The names are the harness's `build_description` arguments.
 _KWARG_SPECS: dict[str, dict[str, Callable[[str, Any], str | None]]] = {
-    LOWERCASE: {},
+    "change_case:capital_word_frequency": {"capital_frequency": _count, "capital_relation": _relation},
     CAPITAL: {},
-    NO_COMMA: {},
-    NUMBER_WORDS: {"num_words": _int_ge0, "relation": _relation},
-    END_CHECKER: {"end_phrase": _nonempty_str},
+    LOWERCASE: {},
+    "combination:repeat_prompt": {"prompt_to_repeat": _nonempty_str},
+    "combination:two_responses": {},
+    "detectable_content:number_placeholders": {"num_placeholders": _count},
+    "detectable_content:postscript": {"postscript_marker": _nonempty_str},
+    "detectable_format:constrained_response": {},
+    "detectable_format:json_format": {},
+    "detectable_format:multiple_sections": {"section_spliter": _nonempty_str, "num_sections": _count},
+    BULLETS: {"num_bullets": _count},
+    "detectable_format:number_highlighted_sections": {"num_highlights": _count},
+    "detectable_format:title": {},
     KEYWORDS: {"keywords": _keyword_list},
-    BULLETS: {"num_bullets": _int_ge0},
+    "keywords:forbidden_words": {"forbidden_words": _keyword_list},
+    "keywords:frequency": {"keyword": _pattern, "frequency": _count, "relation": _relation},
+    "keywords:letter_frequency": {"letter": _letter, "let_frequency": _count, "let_relation": _relation},
+    "language:response_language": {"language": _language},
+    "length_constraints:nth_paragraph_first_word": {"num_paragraphs": _count, "nth_paragraph": _count,
+                                                    "first_word": _nonempty_str},
+    "length_constraints:number_paragraphs": {"num_paragraphs": _count},
+    "length_constraints:number_sentences": {"num_sentences": _count, "relation": _relation},
+    NUMBER_WORDS: {"num_words": _count, "relation": _relation},
+    NO_COMMA: {},
+    END_CHECKER: {"end_phrase": _nonempty_str},
     QUOTATION: {},
 }
 
+SUPPORTED_IDS: tuple[str, ...] = tuple(sorted(_KWARG_SPECS))
+"""IFEval's 25 instruction ids (lm-evaluation-harness ``instructions_registry.INSTRUCTION_DICT``)."""
+
 
 def _require_known(instruction_id: str, where: str = "") -> None:
-    if not isinstance(instruction_id, str) or instruction_id not in CHECKERS:
+    if not isinstance(instruction_id, str) or instruction_id not in _KWARG_SPECS:
         raise UnknownInstructionError(instruction_id, where)
 
 
@@ -228,90 +255,62 @@ def _clean_kwargs(
         problem = validator(name, clean[name])
         if problem:
             raise ValueError(_at(where, f"{instruction_id}: {problem}"))
+    if instruction_id == "length_constraints:nth_paragraph_first_word" and (
+        clean["nth_paragraph"] > clean["num_paragraphs"]
+    ):
+        raise ValueError(_at(where, f"{instruction_id}: nth_paragraph ({clean['nth_paragraph']}) must be <= "
+                                    f"num_paragraphs ({clean['num_paragraphs']})"))
     return clean
 
 
-# --------------------------------------------------------------------------- checkers
-# Raw upstream ``check_following`` semantics; kwargs are assumed valid (see _clean_kwargs).
+# --------------------------------------------------------------------------- checks (the harness's)
 
 
-def _check_lowercase(text: str, kwargs: dict) -> bool:
-    # Upstream: value.islower() and langdetect says "en"; we skip language detection.
-    return text.islower()
+def check_record(
+    response: str,
+    instruction_id_list: Sequence[str],
+    kwargs_list: Sequence[Mapping[str, Any] | None],
+    loose: bool = False,
+    prompt: str = "",
+) -> list[bool]:
+    """One bool per instruction: lm-evaluation-harness's verdict (strict, or loose) on ``response``.
+
+    Prompt-level accuracy is ``all(result)``; instruction-level accuracy averages the bools.
+    ``prompt`` is passed to the harness's ``InputExample`` (no check of the 25 reads it: repeat_prompt
+    takes its text from the ``prompt_to_repeat`` kwarg).
+
+    Raises:
+        ValueError: the two lists differ in length, or kwargs are invalid.
+        UnknownInstructionError: an id is not one of the 25.
+    """
+    from .ifeval import harness
+
+    if len(instruction_id_list) != len(kwargs_list):
+        raise ValueError(
+            f"{len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts"
+        )
+    clean = [_clean_kwargs(i, kw) for i, kw in zip(instruction_id_list, kwargs_list)]
+    utils = harness().utils
+    inp = utils.InputExample(key=0, instruction_id_list=list(instruction_id_list), prompt=prompt,
+                             kwargs=clean)
+    test = utils.test_instruction_following_loose if loose else utils.test_instruction_following_strict
+    with _fixed_random(any(_draws_at_random(i, kw) for i, kw in zip(instruction_id_list, clean))):
+        return [bool(x) for x in test(inp, response).follow_instruction_list]
 
 
-def _check_capital(text: str, kwargs: dict) -> bool:
-    # Upstream: value.isupper() and langdetect says "en"; we skip language detection.
-    return text.isupper()
-
-
-def _check_no_comma(text: str, kwargs: dict) -> bool:
-    return "," not in text
-
-
-def _check_number_words(text: str, kwargs: dict) -> bool:
-    n = count_words(text)
-    if kwargs["relation"] == "less than":
-        return n < kwargs["num_words"]
-    return n >= kwargs["num_words"]
-
-
-def _check_end(text: str, kwargs: dict) -> bool:
-    value = text.strip().strip('"').lower()
-    return value.endswith(kwargs["end_phrase"].strip().lower())
-
-
-def _check_keywords(text: str, kwargs: dict) -> bool:
-    # Deviation: upstream uses re.search(keyword, ...) with the keyword as a raw regex;
-    # we escape it so keywords such as "c++" or "u.s." are matched literally.
-    return all(
-        re.search(re.escape(keyword), text, flags=re.IGNORECASE) for keyword in kwargs["keywords"]
-    )
-
-
-def _check_bullets(text: str, kwargs: dict) -> bool:
-    return count_bullets(text) == kwargs["num_bullets"]
-
-
-def _check_quotation(text: str, kwargs: dict) -> bool:
-    value = text.strip()
-    return len(value) > 1 and value[0] == '"' and value[-1] == '"'
-
-
-CHECKERS: dict[str, Callable[[str, dict], bool]] = {
-    LOWERCASE: _check_lowercase,
-    CAPITAL: _check_capital,
-    NO_COMMA: _check_no_comma,
-    NUMBER_WORDS: _check_number_words,
-    END_CHECKER: _check_end,
-    KEYWORDS: _check_keywords,
-    BULLETS: _check_bullets,
-    QUOTATION: _check_quotation,
-}
-"""Raw checkers ``(text, kwargs) -> bool``, upstream ``check_following`` semantics.
-
-They expect valid kwargs and do not apply the non-blank guard; prefer ``check_instruction``.
-"""
-
-SUPPORTED_IDS: tuple[str, ...] = tuple(sorted(CHECKERS))
-
-
-def _loose_variants(response: str) -> list[str]:
-    """The eight response variants of upstream ``test_instruction_following_loose``."""
-    lines = response.split("\n")
-    remove_first = "\n".join(lines[1:]).strip()
-    remove_last = "\n".join(lines[:-1]).strip()
-    remove_both = "\n".join(lines[1:-1]).strip()
-    return [
-        response,
-        response.replace("*", ""),
-        remove_first,
-        remove_last,
-        remove_both,
-        remove_first.replace("*", ""),
-        remove_last.replace("*", ""),
-        remove_both.replace("*", ""),
-    ]
+@contextlib.contextmanager
+def _fixed_random(needed: bool) -> Iterator[None]:
+    """A letter_frequency `letter` that is not a letter: the harness draws one with Python's global
+    `random`. Draw it from a fixed seed (the global state restored after) so the verdict is reproducible."""
+    if not needed:
+        yield
+        return
+    state = random.getstate()
+    random.seed(0)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def check_instruction(
@@ -321,52 +320,22 @@ def check_instruction(
     *,
     loose: bool = False,
 ) -> bool:
-    """Whether ``response`` follows one instruction (evaluation semantics).
-
-    A blank response never follows an instruction (upstream ``response.strip()`` guard).
-    With ``loose=True`` the instruction passes if any loose variant passes.
+    """Whether ``response`` follows one instruction: the harness's verdict (strict or loose).
 
     Raises:
-        UnknownInstructionError: ``instruction_id`` is not supported.
+        UnknownInstructionError: ``instruction_id`` is not one of the 25.
         ValueError: kwargs are invalid (missing/ill-typed kwarg, unexpected non-None kwarg).
     """
-    clean = _clean_kwargs(instruction_id, kwargs)
-    checker = CHECKERS[instruction_id]
-    candidates = _loose_variants(response) if loose else [response]
-    return any(c.strip() and checker(c, clean) for c in candidates)
-
-
-def check_record(
-    response: str,
-    instruction_id_list: Sequence[str],
-    kwargs_list: Sequence[Mapping[str, Any] | None],
-    loose: bool = False,
-) -> list[bool]:
-    """One bool per instruction: whether ``response`` follows it (strict or loose).
-
-    Prompt-level accuracy is ``all(result)``; instruction-level accuracy averages the bools.
-
-    Raises:
-        ValueError: the two lists differ in length, or kwargs are invalid.
-        UnknownInstructionError: an id is not supported.
-    """
-    if len(instruction_id_list) != len(kwargs_list):
-        raise ValueError(
-            f"{len(instruction_id_list)} instruction ids but {len(kwargs_list)} kwargs dicts"
-        )
-    return [
-        check_instruction(i, response, kw, loose=loose)
-        for i, kw in zip(instruction_id_list, kwargs_list)
-    ]
+    return check_record(response, [instruction_id], [kwargs], loose=loose)[0]
 
 
 def validate_record(record: Mapping[str, Any], where: str = "") -> None:
-    """Check that a record's instructions are supported and their kwargs are valid.
+    """Check that a record's instructions are IFEval ids and their kwargs are valid.
 
     ``where`` names the location for error messages, e.g. ``"data/x.jsonl row 3"``.
 
     Raises:
-        UnknownInstructionError: an id is not supported (message names the id, ``where``,
+        UnknownInstructionError: an id is not one of the 25 (message names the id, ``where``,
             a "did you mean" suggestion and the supported ids).
         ValueError: missing/ill-typed ``instruction_id_list`` or ``kwargs``, length mismatch,
             or an invalid/missing kwarg (named in the message).
@@ -389,7 +358,8 @@ def validate_record(record: Mapping[str, Any], where: str = "") -> None:
 
 
 def describe(instruction_id: str, kwargs: Mapping[str, Any] | None) -> str:
-    """Short human-readable description, e.g. ``"at least 120 words"``."""
+    """Short human-readable description, e.g. ``"at least 120 words"`` (the harness's own instruction
+    text for ids outside the eight the built-in task uses)."""
     kw = _clean_kwargs(instruction_id, kwargs)
     if instruction_id == LOWERCASE:
         return "all lowercase letters"
@@ -407,10 +377,16 @@ def describe(instruction_id: str, kwargs: Mapping[str, Any] | None) -> str:
     if instruction_id == BULLETS:
         n = kw["num_bullets"]
         return f"exactly {n} bullet point{'' if n == 1 else 's'}"
-    return "wrapped in double quotes"  # QUOTATION
+    if instruction_id == QUOTATION:
+        return "wrapped in double quotes"
+    from .ifeval import harness
+
+    instruction = harness().registry.INSTRUCTION_DICT[instruction_id](instruction_id)
+    with _fixed_random(_draws_at_random(instruction_id, kw)):
+        return instruction.build_description(**kw)
 
 
-# --------------------------------------------------------------------------- fixers
+# --------------------------------------------------------------------------- fixers (data generation only)
 
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
@@ -470,7 +446,7 @@ def _fix_number_words(text: str, kw: dict) -> str:
 
 
 def _fix_end(text: str, kw: dict) -> str:
-    if _check_end(text, kw):
+    if check_instruction(END_CHECKER, text, kw):
         return text
     return _append_sentence(text, kw["end_phrase"].strip())
 
@@ -510,7 +486,7 @@ def _fix_keywords(text: str, kw: dict) -> str:
 
 def _fix_bullets(text: str, kw: dict) -> str:
     n = kw["num_bullets"]
-    if _check_bullets(text, kw):
+    if check_instruction(BULLETS, text, kw):
         return text
     units: list[str] = []
     for line in text.splitlines():
@@ -540,7 +516,7 @@ def _fix_bullets(text: str, kw: dict) -> str:
 
 
 def _fix_quotation(text: str, kw: dict) -> str:
-    if _check_quotation(text, kw):
+    if check_instruction(QUOTATION, text, kw):
         return text
     body = text.strip()
     # Keep a leading bullet on its own line so the bullet count does not change.
@@ -571,6 +547,14 @@ FIX_ORDER: tuple[str, ...] = (
 )
 """Order in which ``apply_constraints`` applies fixers."""
 
+FIXABLE_IDS: tuple[str, ...] = tuple(sorted(_FIXERS))
+"""The instruction ids the fixers can satisfy (the built-in task's eight)."""
+
+
+def _require_fixable(instruction_id: str) -> None:
+    if instruction_id not in _FIXERS:
+        raise ValueError(f"no fixer for {instruction_id!r}: data generation supports {', '.join(FIXABLE_IDS)}")
+
 
 def apply_constraint(instruction_id: str, text: str, kwargs: Mapping[str, Any] | None) -> str:
     """Turn plain ``text`` into text that satisfies one instruction (for data generation).
@@ -584,9 +568,10 @@ def apply_constraint(instruction_id: str, text: str, kwargs: Mapping[str, Any] |
         UnknownInstructionError: ``instruction_id`` is not supported.
     """
     clean = _clean_kwargs(instruction_id, kwargs)
+    _require_fixable(instruction_id)
     out = _FIXERS[instruction_id](text, clean)
     at_least = instruction_id == NUMBER_WORDS and clean["relation"] == "at least"
-    if not at_least and not (out.strip() and CHECKERS[instruction_id](out, clean)):
+    if not at_least and not check_instruction(instruction_id, out, clean):
         raise ValueError(f"cannot satisfy {describe(instruction_id, clean)!r} for this text")
     return out
 
@@ -609,6 +594,8 @@ def apply_constraints(
     """
     record = {"instruction_id_list": list(instruction_id_list), "kwargs": list(kwargs_list)}
     validate_record(record)
+    for instruction_id in instruction_id_list:
+        _require_fixable(instruction_id)
     items = [(i, _clean_kwargs(i, kw)) for i, kw in zip(instruction_id_list, kwargs_list)]
     items.sort(key=lambda item: FIX_ORDER.index(item[0]))  # stable for repeated ids
     # Trim target per "less than" item; tightened when later fixers add words.

@@ -32,6 +32,9 @@ class RecipeError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+Tracker = Literal["tensorboard", "wandb", "trackio", "mlflow", "none"]
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -41,6 +44,13 @@ class RunConfig:
     # PPO-only recipe) resolves to `<inputs_from>/<stage>/final` instead of this run's own directory,
     # so a recipe can build on another run without writing into it.
     inputs_from: Optional[str] = None
+    # Experiment trackers every stage logs to besides `<stage>/metrics.jsonl`: tensorboard, wandb, trackio,
+    # mlflow (each needs its package), or none. They read their own settings from their environment
+    # variables (WANDB_MODE, WANDB_PROJECT, TRACKIO_DIR, MLFLOW_TRACKING_URI, ...); see pipeline/tracking.py.
+    report_to: Union[Tracker, list[Tracker]] = field(default_factory=lambda: ["tensorboard"])
+    # false: delete `<stage>/checkpoints/` once the stage's final/ and summary.json are written (a finished
+    # stage is never resumed; checkpoints only serve an interrupted one).
+    keep_checkpoints: bool = True
 
 
 @dataclass
@@ -55,6 +65,12 @@ class ModelConfig:
     cpu_autocast: Literal["auto", "on", "off"] = "auto"
     trust_remote_code: bool = False
     revision: Optional[str] = None
+    # The hub id of this model when `name_or_path` is a local directory or a .gguf file: adapters and model
+    # cards name it as their base so they load elsewhere (known for the builtin; a hub id names itself).
+    hub_id: Optional[str] = None
+    # Chat template for a tokenizer without one (a base model), or to replace its own: a name from
+    # `pipeline.data.CHAT_TEMPLATES` (`chatml`, `zephyr`), a `.jinja` file, or the template text.
+    chat_template: Optional[str] = None
 
 
 @dataclass
@@ -66,9 +82,49 @@ class LoraConfig:
 
 
 @dataclass
+class DataSource:
+    """A data key (`sft.data`, `ppo.prompts`, ...) written as a mapping instead of a string, for what a
+    string cannot say: `{path: org/ds, config: x, split: train, revision: abc}`. Read by
+    `datasets.load_dataset(path, name=config, split=..., revision=..., data_files=..., streaming=...)`;
+    `path` may also be a local file, a local dataset directory, or a builder (`json`) with `data_files`."""
+
+    path: str = ""
+    config: Optional[str] = None
+    split: Optional[str] = None
+    revision: Optional[str] = None
+    data_files: Union[str, list[str], None] = None
+    # Read rows as they come instead of downloading the whole split first (with `max_rows`: only those).
+    streaming: bool = False
+
+
+# A data key: a path / `hub_id[:split]` string, or a DataSource mapping.
+DataRef = Union[DataSource, str]
+
+
+@dataclass
+class ColumnMap:
+    """A stage's `columns`: the dataset's own column name for each name the pipeline reads, e.g.
+    `sft.columns: {prompt: instruction, completion: output}`. Unset names are read as they are."""
+
+    prompt: Optional[str] = None
+    completion: Optional[str] = None
+    messages: Optional[str] = None
+    conversations: Optional[str] = None
+    text: Optional[str] = None
+    chosen: Optional[str] = None
+    rejected: Optional[str] = None
+    margin: Optional[str] = None
+    responses: Optional[str] = None
+    ranks: Optional[str] = None
+
+
+@dataclass
 class SFTConfig:
-    data: str = ""
-    eval_data: Optional[str] = None
+    data: DataRef = ""
+    eval_data: Optional[DataRef] = None
+    # The data's column names for prompt / completion / messages / conversations / text (applies to
+    # `data` and `eval_data`).
+    columns: Optional[ColumnMap] = None
     # When no eval_data is given, hold out this share of `data` for the evaluation loss.
     eval_fraction: float = 0.05
     init_from: str = "base"
@@ -94,12 +150,19 @@ class SFTConfig:
     eval_steps: int = 0  # 0: evaluate once per epoch
     checkpoint_every: int = 50  # optimizer steps between resumable Trainer checkpoints
     max_rows: Optional[int] = None
+    # Upload `<stage>/final/` (model card included; a LoRA adapter in its `adapter/` folder) to the Hub repo
+    # `hub_model_id` once the stage has finished. Needs a write token (`hf auth login` or HF_TOKEN).
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_private: bool = True
 
 
 @dataclass
 class RewardConfig:
-    data: str = ""
-    eval_data: Optional[str] = None
+    data: DataRef = ""
+    eval_data: Optional[DataRef] = None
+    # The data's column names for prompt / chosen / rejected / margin / responses / ranks.
+    columns: Optional[ColumnMap] = None
     eval_fraction: float = 0.1
     init_from: str = "sft"
     lora: Optional[LoraConfig] = field(default_factory=LoraConfig)
@@ -119,7 +182,7 @@ class RewardConfig:
     keep_ties: bool = False
     logging_steps: int = 5
     # Prompts whose policy samples give the normalisation statistics saved with the model.
-    norm_prompts: Optional[str] = None
+    norm_prompts: Optional[DataRef] = None
     # The policy sampled for those statistics. Default: the PPO stage's starting policy
     # (`ppo.policy_from`) when the recipe has PPO and that model exists by then, else `init_from`.
     norm_policy: Optional[str] = None
@@ -127,6 +190,11 @@ class RewardConfig:
     max_new_tokens: int = 96
     checkpoint_every: int = 50  # optimizer steps between resumable Trainer checkpoints
     max_rows: Optional[int] = None
+    # Upload `<stage>/final/` (model card included; a LoRA adapter in its `adapter/` folder) to the Hub repo
+    # `hub_model_id` once the stage has finished. Needs a write token (`hf auth login` or HF_TOKEN).
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_private: bool = True
 
 
 @dataclass
@@ -140,30 +208,65 @@ class RewardSourceConfig:
 
 
 @dataclass
-class PPOConfig:
-    policy_from: str = "sft"
-    reward_from: str = "reward"
-    # Several reward sources summed with weights; when set, replaces reward_from.
-    rewards: Optional[list[RewardSourceConfig]] = None
-    critic_from: Literal["reward", "policy"] = "reward"
-    prompts: str = ""
+class OnPolicyConfig:
+    """Settings PPO and distillation share, under the same names: both run the one on-policy loop
+    (`pipeline/onpolicy.py`). Counts: `rollout_batch_size` prompts per iteration, each sampled
+    `samples_per_prompt` times, so an iteration holds rollout_batch_size * samples_per_prompt sequences;
+    `minibatch_size` sequences per optimizer step and `micro_batch_size` sequences per forward pass."""
+
+    prompts: DataRef = ""
     lora: Optional[LoraConfig] = field(default_factory=LoraConfig)
-    advantage: Literal["gae", "reinforce", "rloo"] = "gae"
     iterations: int = 20
     rollout_batch_size: int = 16
     samples_per_prompt: int = 1
     minibatch_size: int = 8
     micro_batch_size: int = 8
-    ppo_epochs: int = 2
+    epochs: int = 2
     lr: float = 5.0e-5
-    critic_lr: float = 1.0e-4
+    max_grad_norm: float = 1.0
+    # Stop an iteration's epochs once a minibatch's approx KL(old || new) passes this (null: never).
+    target_approx_kl: Optional[float] = None
+    # PPO clip range of the ratio pi / pi_behaviour (PPO; distillation's sampled estimator).
+    clip_coef: float = 0.2
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # Rows per generate call (null: a process's whole batch at once). When set, each call samples under
+    # a seed from (run seed, iteration, its first row in the global batch), so the rollouts do not depend
+    # on the number of processes when each process's share of the rows is a multiple of it.
+    generation_batch_size: Optional[int] = None
+    # hf: transformers generate; vllm: vLLM (optional extra, CUDA only); auto: vllm when importable on CUDA.
+    rollout_engine: Literal["auto", "hf", "vllm"] = "hf"
+    log_samples_every: int = 5
+    checkpoint_every: int = 10
+    max_nonfinite_steps: int = 3
+    # Upload `<stage>/final/` (model card included; a LoRA adapter in its `adapter/` folder) to the Hub repo
+    # `hub_model_id` once the stage has finished. Needs a write token (`hf auth login` or HF_TOKEN).
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_private: bool = True
+
+
+@dataclass
+class PPOConfig(OnPolicyConfig):
+    policy_from: str = "sft"
+    # The prompt file's column names for prompt / messages / conversations.
+    columns: Optional[ColumnMap] = None
+    reward_from: str = "reward"
+    # Several reward sources summed with weights; when set, replaces reward_from.
+    rewards: Optional[list[RewardSourceConfig]] = None
+    critic_from: Literal["reward", "policy"] = "reward"
+    advantage: Literal["gae", "reinforce", "rloo"] = "gae"
+    critic_lr: float = 1.0e-4
+    # The critic's own gradient clip (null: max_grad_norm). `shared`: one optimizer and one clip over policy
+    # and critic, as before separate updates (kept for the ablation in docs/results.md).
+    critic_max_grad_norm: Optional[float] = None
+    critic_optimizer: Literal["separate", "shared"] = "separate"
+    # Iterations before the policy moves that train only the critic on fresh rollouts (verl's critic_warmup).
+    critic_warmup: int = 0
     gamma: float = 1.0
     gae_lambda: float = 0.95
-    clip_coef: float = 0.2
     clip_coef_v: float = 0.2
     vf_coef: float = 0.5
     ent_coef: float = 0.0
@@ -173,20 +276,9 @@ class PPOConfig:
     adaptive_kl: bool = False
     kl_target: float = 6.0
     kl_horizon: int = 10000
-    target_approx_kl: Optional[float] = None
-    max_grad_norm: float = 1.0
     whiten_advantages: bool = True
     normalize_reward: bool = True
     missing_eos_penalty: Optional[float] = None
-    log_samples_every: int = 5
-    checkpoint_every: int = 10
-    max_nonfinite_steps: int = 3
-    # Rows per generate call (null: a process's whole batch at once). When set, each call samples under
-    # a seed from (run seed, iteration, its first row in the global batch), so the rollouts do not depend
-    # on the number of processes when each process's share of the rows is a multiple of it.
-    generation_batch_size: Optional[int] = None
-    # hf: transformers generate; vllm: vLLM (optional extra, CUDA only); auto: vllm when importable on CUDA.
-    rollout_engine: Literal["auto", "hf", "vllm"] = "hf"
 
 
 @dataclass
@@ -202,10 +294,17 @@ class StudentConfig:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(OnPolicyConfig):
     teacher_from: str = "ppo"
+    # Column names for prompt / messages / conversations (and completion, for warmup_data); applies to
+    # prompts, heldout_prompts and warmup_data.
+    columns: Optional[ColumnMap] = None
     student: StudentConfig = field(default_factory=lambda: StudentConfig(from_teacher=KeepLayersConfig()))
-    prompts: str = ""
+    lora: Optional[LoraConfig] = None
+    iterations: int = 30
+    epochs: int = 1
+    lr: float = 1.0e-4
+    log_samples_every: int = 10
     # Mixture pi_i = beta_i * teacher + (1 - beta_i) * student; beta = 0 is fully on-policy.
     beta: float = 0.0
     beta_schedule: Literal["constant", "linear", "exponential"] = "constant"
@@ -214,34 +313,17 @@ class DistillConfig:
     divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = 0.5
     estimator: Literal["full", "sampled"] = "full"
-    # PPO clip range of the ratio pi_student / pi_behaviour (sampled estimator only).
-    clip_coef: float = 0.2
-    lora: Optional[LoraConfig] = None
-    iterations: int = 30
     # Optional warm-up before the mixture iterations: `warmup_iterations` batches of fixed demonstrations
     # (prompt + completion rows, e.g. the SFT data) whose states the teacher labels; no sampling, so a
     # batch costs a fraction of a sampled one (GKD's supervised part). Divergence: `warmup_divergence`,
-    # default `divergence`. Full estimator only.
-    warmup_data: Optional[str] = None
+    # default `divergence`. Full estimator only. A warm-up batch holds rollout_batch_size demonstrations.
+    warmup_data: Optional[DataRef] = None
     warmup_iterations: int = 0
     warmup_divergence: Optional[Literal["reverse_kl", "forward_kl", "jsd"]] = None
-    rollout_batch_size: int = 16
-    minibatch_size: int = 8
-    micro_batch_size: int = 8
-    epochs: int = 1
-    lr: float = 1.0e-4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    max_grad_norm: float = 1.0
-    heldout_prompts: Optional[str] = None
+    heldout_prompts: Optional[DataRef] = None
     # Prompts per generate call in the held-out evaluation (default: rollout_batch_size). Larger batches
     # mean fewer sequential decode steps; greedy answers do not depend on it.
     heldout_batch_size: Optional[int] = None
-    log_samples_every: int = 10
-    checkpoint_every: int = 10
-    max_nonfinite_steps: int = 3
-    generation_batch_size: Optional[int] = None  # as ppo.generation_batch_size
-    rollout_engine: Literal["auto", "hf", "vllm"] = "hf"  # as ppo.rollout_engine
 
 
 @dataclass
@@ -249,7 +331,7 @@ class EvalConfig:
     # Model names: `base`, any stage name (`sft`, `ppo`, `distill`), a local path or a hub id.
     models: list[str] = field(default_factory=lambda: ["base"])
     # Held-out prompt files, each a prompt set named by its stem; IFEval-style records are checked.
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[DataRef] = field(default_factory=list)
     # Reward model (stage name or path) for RM scores and win rates; none: those metrics are skipped.
     reward_from: Optional[str] = None
     # KL of every model is measured to this model (default: base).
@@ -261,7 +343,12 @@ class EvalConfig:
     do_sample: bool = False  # greedy by default
     temperature: float = 1.0  # only with do_sample
     max_prompts: Optional[int] = None  # per prompt file
-    num_samples_in_report: int = 3  # prompts per set shown side by side in report.md
+    num_samples_in_report: int = 3  # prompts each step gained (and lost) shown side by side in the report
+    # IFEval by lm-evaluation-harness (pipeline/ifeval.py): every listed model on eval/ifeval/input_data.jsonl,
+    # greedy with the chat template; the set `ifeval_harness` in results.json and the report.
+    ifeval: bool = False
+    ifeval_max_gen_toks: Optional[int] = None  # None: the harness task's own (1280)
+    ifeval_limit: Optional[int] = None  # the first N prompts only (not comparable with published IFEval)
 
 
 @dataclass
@@ -304,9 +391,16 @@ class Recipe:
         return ref
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        # Data keys hold `pipeline.data.DataSpec` strings; `recipe_value()` is what the YAML said.
+        d = dataclasses.asdict(self, dict_factory=lambda kv: {k: _recipe_value(v) for k, v in kv})
         d.pop("source", None)
         return {k: v for k, v in d.items() if v is not None}
+
+
+def _recipe_value(v: Any) -> Any:
+    if hasattr(v, "recipe_value"):
+        return v.recipe_value()
+    return [_recipe_value(x) for x in v] if isinstance(v, list) else v
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,10 +441,14 @@ def _coerce(value: Any, tp: Any, path: str, where: str) -> Any:
             try:
                 return _coerce(value, arg, path, where)
             except RecipeError as e:
-                errors.append(e)
-        # A mapping for an Optional[dataclass] should report the inner error (e.g. an unknown key).
-        if isinstance(value, dict) and errors:
-            raise errors[0]
+                # A mapping for a dataclass, or a list for a list type, failed inside: report the inner
+                # error (e.g. `ppo.rewards[1].wieght`), not "must be a list or null".
+                shaped = (isinstance(value, dict) and dataclasses.is_dataclass(arg)) or (
+                    isinstance(value, list) and typing.get_origin(arg) is list)
+                errors.append((shaped, e))
+        inner = [e for shaped, e in errors if shaped]
+        if inner:
+            raise inner[0]
         raise _fail_type(value, tp, path, where)
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -408,6 +506,10 @@ def _coerce(value: Any, tp: Any, path: str, where: str) -> Any:
     return value
 
 
+# Old key -> its name now (a recipe written for an older version gets told, not "unknown key").
+RENAMED_KEYS = {"ppo_epochs": "epochs"}
+
+
 def parse_section(cls: type, data: dict, path: str, where: str) -> Any:
     """Build dataclass `cls` from `data`, rejecting unknown keys with a suggestion."""
     hints = typing.get_type_hints(cls)
@@ -415,6 +517,9 @@ def parse_section(cls: type, data: dict, path: str, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields and key in RENAMED_KEYS and RENAMED_KEYS[key] in fields:
+            raise RecipeError(f"{where}: `{key_path}` was renamed to `{RENAMED_KEYS[key]}` (PPO and distillation "
+                              f"share one vocabulary); write `{path}.{RENAMED_KEYS[key]}`.")
         if key not in fields:
             hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             extra = f" Did you mean `{hint[0]}`?" if hint else ""
@@ -426,9 +531,31 @@ def parse_section(cls: type, data: dict, path: str, where: str) -> Any:
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys merged in with `<<:` may be overridden; a key written twice may not
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: let the base class report it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first + 1}); YAML keeps only the last "
+                        "one, so remove or merge one of them", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml_load(text: str, where: str) -> dict:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -487,6 +614,9 @@ def parse_recipe(data: dict, where: str = "<recipe>") -> Recipe:
             f"{where}: `sft.response_start_weight` ({recipe.sft.response_start_weight}) and "
             f"`sft.response_start_tokens` ({recipe.sft.response_start_tokens}) must be >= 0 (weight 1.0: plain SFT)."
         )
+    from .data import prepare_recipe_data
+
+    prepare_recipe_data(recipe, where)  # data keys -> DataSpec (hub options, columns); model.chat_template
     recipe.source = where
     return recipe
 
@@ -525,7 +655,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     where = str(path)
     if not path.exists():
         raise RecipeError(f"{where}: recipe file not found.")
-    data = _yaml_load(path.read_text(encoding="utf-8"), where)
+    if path.is_dir():
+        raise RecipeError(f"{where}: is a folder, not a recipe; give a recipe YAML file (e.g. recipes/quickstart.yaml"
+                          " or one of `pipeline recipes`).")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{where}: not UTF-8 text (byte {e.start}); a recipe is a YAML file saved as UTF-8.") from None
+    data = _yaml_load(text, where)
     data = apply_overrides(data, overrides or [], where)
     return parse_recipe(data, where)
 

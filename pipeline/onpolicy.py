@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .distributed import global_sum, no_sync
 from .generation import left_pad
 from .rl import entropy_from_logits, logprobs_from_logits
 
@@ -103,7 +104,7 @@ def model_inputs(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, re
     """Concatenate prompt and response; position ids follow the attention mask (left padding)."""
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-    # Left-padded rows: positions must count real tokens only, as during generation (PITFALLS).
+    # Left-padded rows: positions must count real tokens only, as during generation (docs/implementation_details.md).
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return input_ids, attention_mask, position_ids
 
@@ -152,49 +153,6 @@ def policy_logprobs(model, batch: RolloutBatch, temperature: float, with_entropy
     return logprobs, entropy, logits
 
 
-class ValueModel(torch.nn.Module):
-    """V(s) at every position from a sequence-classification model used as a critic: its scalar
-    head applied to the hidden state at every position, not only the last. A module of its own so
-    DDP sees the forward (gradient all-reduce hooks are armed in the wrapper's forward)."""
-
-    def __init__(self, seq_cls_model):
-        super().__init__()
-        self.model = seq_cls_model
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        core = unwrap(self.model)
-        backbone = getattr(core, core.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-        return value_head(core)(hidden).squeeze(-1).float()
-
-
-def critic_values(critic, batch: RolloutBatch) -> Tensor:
-    """V(s_t) for every response position: the state before response token t. (B, T)."""
-    input_ids, attention_mask, position_ids = model_inputs(
-        batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-    P, T = batch.query_ids.shape[1], batch.response_ids.shape[1]
-    return critic(input_ids, attention_mask, position_ids)[:, P - 1:P + T - 1]
-
-
-def value_head(seq_cls_model):
-    for name in ("score", "classifier", "v_head"):
-        head = getattr(seq_cls_model, name, None)
-        if head is not None:
-            # peft wraps trainable heads in ModulesToSaveWrapper, which is callable like the head.
-            return head
-    raise ValueError(f"{type(seq_cls_model).__name__} has no scalar head (`score`) to use as a critic.")
-
-
-def unwrap(model):
-    """The model under DDP / accelerate / peft wrappers, as far as forward semantics allow."""
-    while hasattr(model, "module"):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
-
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
@@ -223,7 +181,7 @@ def sample_responses(model, tokenizer, query_ids: Tensor, query_mask: Tensor, se
     if vocab_size is not None:
         from transformers import LogitsProcessorList
 
-        # Never sample the padding rows of an embedding larger than the tokenizer (PITFALLS: padded vocabularies).
+        # Never sample the padding rows of an embedding larger than the tokenizer (docs/implementation_details.md: padded vocabularies).
         kw.update(logits_processor=LogitsProcessorList([_MaskPaddedVocab(vocab_size)]))
     if greedy:
         kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
@@ -316,16 +274,42 @@ def sample_rows(model, tokenizer, rows: list, settings: SamplingSettings, device
                         prompts=list(rows))
 
 
-def shard(rows: list, rank: int, world: int) -> list:
-    """This process's contiguous block of the global batch (len(rows) divisible by world)."""
-    n = len(rows) // world
-    return rows[rank * n:(rank + 1) * n]
-
-
 def unwrap_for_generation(model):
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+def pad_responses(token_lists: list[list[int]], eos_id: int, pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Engine outputs (token ids, EOS included when sampled) -> (response_ids (B, T) padded after the first
+    EOS or the row's end, response_mask, ended): the shapes `onpolicy.sample_responses` returns."""
+    seqs = [list(t) or [eos_id] for t in token_lists]
+    T = max(len(t) for t in seqs)
+    response = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    within = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, t in enumerate(seqs):
+        response[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        within[i, :len(t)] = True
+    mask, ended = mask_after_eos(response, eos_id)
+    mask &= within
+    response = torch.where(mask, response, torch.full_like(response, pad_id))
+    return response.to(device), mask.to(device), ended.to(device)
+
+
+def demonstration_batch(tokenizer, rows: list, max_new_tokens: int, device) -> RolloutBatch:
+    """Fixed demonstrations ({"prompt", "completion"}) as the states of a batch: the prompt left-padded as
+    for sampling, the completion's tokens (through the chat template's end-of-turn EOS, cut at
+    `max_new_tokens`) as the response. `from_teacher` is True on every row (not the student's samples)."""
+    from .data import completion_token_ids
+
+    q, qm = encode_prompts(tokenizer, rows, device)
+    seqs = [completion_token_ids(tokenizer, ex["prompt"], ex["completion"])[:max_new_tokens] for ex in rows]
+    r, rm, ended = pad_responses(seqs, tokenizer.eos_token_id, tokenizer.pad_token_id, device)
+    batch = RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=None, ended=ended,
+                         prompts=list(rows))
+    batch.from_teacher = torch.ones(len(rows), dtype=torch.bool, device=device)
+    batch.rows = torch.arange(len(rows), device=device)
+    return batch
 
 
 def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
@@ -381,20 +365,6 @@ def recompute_logprobs(model, batch: RolloutBatch, temperature: float, micro_bat
     return torch.cat(outs)
 
 
-@torch.no_grad()
-def recompute_values(critic, batch: RolloutBatch, micro_batch_size: int, autocast=None) -> Tensor:
-    was_training = critic.training
-    critic.eval()
-    outs = []
-    for start in range(0, len(batch), micro_batch_size):
-        mb = batch.index(torch.arange(start, min(start + micro_batch_size, len(batch))))
-        with (autocast or contextlib.nullcontext()):
-            outs.append(critic_values(critic, mb))
-    if was_training:
-        critic.train()
-    return torch.cat(outs)
-
-
 # --------------------------------------------------------------------------------------------
 # Prompts
 # --------------------------------------------------------------------------------------------
@@ -436,6 +406,22 @@ class PromptSampler:
         self._order = self._shuffle()
 
 
+def expand_prompts(examples: list, k: int) -> tuple[list, Tensor]:
+    """Each prompt k times, contiguous (RLOO's leave-one-out groups; k samples per prompt). -> (rows, group)."""
+    rows = [ex for ex in examples for _ in range(k)]
+    group = torch.arange(len(examples)).repeat_interleave(k)
+    return rows, group
+
+
+def pass_rate(rows: list, texts: list[str]) -> Optional[float]:
+    """Share of responses that follow all their instructions (rows with checkers only; None if none)."""
+    from .checkers import check_record
+
+    judged = [all(check_record(t, ex["instruction_id_list"], ex["kwargs"]))
+              for ex, t in zip(rows, texts) if isinstance(ex, dict) and ex.get("instruction_id_list")]
+    return sum(judged) / len(judged) if judged else None
+
+
 def check_prompt_lengths(tokenizer, examples: list, spec: str, max_positions: Optional[int],
                          max_new_tokens: int) -> None:
     """Refuse, before any compute, prompts that leave no room for the response in the context."""
@@ -474,22 +460,54 @@ class UpdateSettings:
     epochs: int = 1
     minibatch_size: int = 8
     micro_batch_size: int = 8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # for updaters that set none of their own
     target_approx_kl: Optional[float] = None  # stop the epoch loop when approx KL passes this
+
+
+@dataclass
+class Updater:
+    """One optimizer over one set of parameters, with its own gradient clip and grad-norm metric. PPO's
+    actor and critic each get one (as verl and OpenRLHF do), so a fresh critic's large gradients never set
+    the clip of the policy's step; distillation has one (the student)."""
+
+    name: str  # "policy", "critic", "student": the checkpoint key; metric `grad_norm` / `<name>_grad_norm`
+    optimizer: Any
+    params: list
+    max_grad_norm: Optional[float] = None  # None: UpdateSettings.max_grad_norm
+    metric: str = "grad_norm"
+
+
+class OptimizerSet:
+    """The updaters' optimizers as one checkpointable object (state_dict keyed by updater name)."""
+
+    def __init__(self, updaters: list[Updater]):
+        self.updaters = updaters
+
+    def state_dict(self) -> dict:
+        return {u.name: u.optimizer.state_dict() for u in self.updaters}
+
+    def load_state_dict(self, state: dict) -> None:
+        for u in self.updaters:
+            u.optimizer.load_state_dict(state[u.name])
 
 
 LossFn = Callable[[RolloutBatch, float], tuple[Tensor, dict[str, Tensor]]]
 
 
-def optimise(batch: RolloutBatch, loss_fn: LossFn, optimizer, params: list, settings: UpdateSettings,
+def optimise(batch: RolloutBatch, loss_fn: LossFn, optimizer, params: Optional[list], settings: UpdateSettings,
              generator: torch.Generator, accelerator=None, models: tuple = ()) -> dict[str, float]:
     """Several epochs of shuffled minibatch updates on one rollout batch.
 
-    `loss_fn(micro_batch, n_tokens)` returns a loss already divided by `n_tokens`, the number of
-    counted tokens in the whole minibatch (over all processes), so splitting a minibatch into
-    micro-batches or processes leaves the gradient unchanged (PITFALLS: normalise by total tokens).
-    A non-finite gradient norm skips the step. Returns token-weighted means of the loss stats.
+    `optimizer`: a list of `Updater`s (each steps its own parameters with its own clip), or one torch
+    optimizer over `params` (one updater). `loss_fn(micro_batch, n_tokens)` returns a loss already divided by
+    `n_tokens`, the number of counted tokens in the whole minibatch (over all processes), so splitting a
+    minibatch into micro-batches or processes leaves the gradient unchanged (docs/implementation_details.md:
+    normalise by total tokens). A non-finite gradient norm in any updater skips the minibatch's step for all
+    of them. With `target_approx_kl`, the epochs stop after the first minibatch, stepped or skipped, whose
+    approx KL (the loss's `approx_kl` stat, averaged over all processes, so every process stops at the same
+    minibatch) passes it. Returns token-weighted means of the loss stats over the stepped minibatches.
     """
+    updaters = optimizer if isinstance(optimizer, list) else [Updater("model", optimizer, list(params))]
     world = accelerator.num_processes if accelerator is not None else 1
     totals: dict[str, float] = {}
     weight_total = 0.0
@@ -501,17 +519,18 @@ def optimise(batch: RolloutBatch, loss_fn: LossFn, optimizer, params: list, sett
         for start in range(0, B, settings.minibatch_size):
             mb_idx = perm[start:start + settings.minibatch_size]
             n_local = float(batch.response_mask[mb_idx.to(batch.response_mask.device)].sum())
-            n_tokens = _global_sum(n_local, accelerator)
+            n_tokens = global_sum(n_local, accelerator)
             if n_tokens == 0:
                 continue
-            optimizer.zero_grad(set_to_none=True)
+            for u in updaters:
+                u.optimizer.zero_grad(set_to_none=True)
             micro = list(mb_idx.split(settings.micro_batch_size))
             mb_stats: dict[str, float] = {}
             for j, idx in enumerate(micro):
                 mb = batch.index(idx)
                 # DDP averages gradients over processes: scale by world so the result is sum / n_tokens.
                 sync = j == len(micro) - 1
-                with _no_sync(accelerator, models, enabled=not sync):
+                with no_sync(accelerator, models, enabled=not sync):
                     loss, stats = loss_fn(mb, n_tokens / world)
                     if accelerator is not None:
                         accelerator.backward(loss)
@@ -521,124 +540,31 @@ def optimise(batch: RolloutBatch, loss_fn: LossFn, optimizer, params: list, sett
                 for k, v in stats.items():
                     mb_stats[k] = mb_stats.get(k, 0.0) + float(v) * w
                 mb_stats["loss"] = mb_stats.get("loss", 0.0) + float(loss.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                optimizer.zero_grad(set_to_none=True)
+            norms = {u.metric: torch.nn.utils.clip_grad_norm_(
+                u.params, u.max_grad_norm if u.max_grad_norm is not None else settings.max_grad_norm)
+                for u in updaters}
+            if all(torch.isfinite(n) for n in norms.values()):
+                for u in updaters:
+                    u.optimizer.step()
+                steps += 1
+                mb_stats.update({k: float(n) for k, n in norms.items()})
+                for k, v in mb_stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                weight_total += 1
+            else:
+                for u in updaters:
+                    u.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-                continue
-            optimizer.step()
-            steps += 1
-            mb_stats["grad_norm"] = float(grad_norm)
-            for k, v in mb_stats.items():
-                totals[k] = totals.get(k, 0.0) + v
-            weight_total += 1
-            if settings.target_approx_kl is not None and mb_stats.get("approx_kl", 0.0) > settings.target_approx_kl:
-                stopped_early = True
-                break
+            if settings.target_approx_kl is not None and "approx_kl" in mb_stats:
+                approx_kl = global_sum(mb_stats["approx_kl"], accelerator) / world
+                if approx_kl > settings.target_approx_kl:
+                    stopped_early = True
+                    break
         if stopped_early:
             break
     out = {k: v / max(weight_total, 1) for k, v in totals.items()}
     out.update(optimizer_steps=steps, skipped_steps=skipped, early_stop=float(stopped_early))
     return out
-
-
-def process_split(accelerator, section: str, **global_sizes: int) -> tuple[int, int]:
-    """(world, rank), after checking that each global batch size splits evenly over the processes."""
-    from .config import RecipeError
-
-    kind = str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1]
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise RecipeError(
-            f"`{section}` runs data-parallel (DDP) only, but this process was launched with {kind} (the "
-            "accelerate config). Run the Trainer stages (sft, reward) with that config and this stage with "
-            "recipes/accelerate/multi_gpu_ddp.yaml or single_gpu.yaml, e.g. `accelerate launch --config_file "
-            f"recipes/accelerate/multi_gpu_ddp.yaml -m pipeline run RECIPE --stages {section}`.")
-    if accelerator is None or accelerator.num_processes == 1:
-        return 1, 0
-    world = accelerator.num_processes
-    for key, n in global_sizes.items():
-        if n % world:
-            raise RecipeError(f"`{section}.{key}` = {n} is a global batch size: it must be divisible by the "
-                              f"number of processes ({world}).")
-    return world, accelerator.process_index
-
-
-def accelerate_precision(model_cfg):
-    """The Accelerator (one process, or several under `accelerate launch`) and the precision on its
-    device, for the recipe's `model` section."""
-    from accelerate import Accelerator
-
-    from .models import resolve_precision
-
-    precision = resolve_precision(model_cfg)
-    accelerator = Accelerator(cpu=precision.device.type == "cpu")
-    precision.device = accelerator.device
-    return precision, accelerator
-
-
-def check_generation_batch_size(n: Optional[int], key: str) -> None:
-    from .config import RecipeError
-
-    if n is not None and n < 1:
-        raise RecipeError(f"`{key}` is a number of rows per generate call (>= 1) or null, got {n}.")
-
-
-def _global_sum(x: float, accelerator) -> float:
-    if accelerator is None or accelerator.num_processes == 1:
-        return x
-    t = torch.tensor([x], device=accelerator.device, dtype=torch.float64)
-    return float(accelerator.reduce(t, reduction="sum"))
-
-
-@contextlib.contextmanager
-def _no_sync(accelerator, models: tuple, enabled: bool):
-    if not enabled or accelerator is None or accelerator.num_processes == 1:
-        yield
-        return
-    with contextlib.ExitStack() as stack:
-        for m in models:
-            stack.enter_context(accelerator.no_sync(m))
-        yield
-
-
-def mean_across_processes(stats: dict, accelerator) -> dict:
-    """Each logged number averaged over the processes that logged it (each holds an equal share of the
-    batch; a key can be missing on some, e.g. a stat over teacher rows when a process sampled none)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return stats
-    from accelerate.utils import gather_object
-
-    per_rank = gather_object([{k: float(v) for k, v in stats.items()}])
-    keys = sorted({k for d in per_rank for k in d})
-    return {k: sum(d[k] for d in per_rank if k in d) / sum(k in d for d in per_rank) for k in keys}
-
-
-def gather_mean(x: Tensor, mask: Tensor, accelerator=None) -> float:
-    """Masked mean over all processes."""
-    s = torch.where(mask.bool(), x.float(), 0.0).sum().reshape(1)
-    n = mask.float().sum().reshape(1)
-    if accelerator is not None and accelerator.num_processes > 1:
-        s, n = accelerator.reduce(s, "sum"), accelerator.reduce(n, "sum")
-    return float(s / n.clamp(min=1))
-
-
-def whiten_global(x: Tensor, mask: Tensor, accelerator=None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """Masked whitening with statistics over the whole rollout batch on all processes."""
-    if accelerator is None or accelerator.num_processes == 1:
-        from .rl import masked_whiten
-
-        return masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
-    # Two passes (mean, then squared deviations) with Bessel's correction, as `rl.masked_whiten` on one process.
-    m = mask.bool()
-    sum_n = accelerator.reduce(torch.stack([torch.where(m, x, 0.0).sum(), m.to(x.dtype).sum()]).reshape(1, 2),
-                               "sum")[0]
-    mean, n = sum_n[0] / sum_n[1], sum_n[1]
-    sq = accelerator.reduce(torch.where(m, (x - mean) ** 2, 0.0).sum().reshape(1), "sum")[0]
-    var = sq / n * n / (n - 1).clamp(min=1)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(m, out, 0.0)
 
 
 # --------------------------------------------------------------------------------------------

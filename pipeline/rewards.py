@@ -4,7 +4,8 @@
   at the last real token of the response (its EOS), formatted exactly as in training
   (`data.prompt_token_ids` + `data.completion_token_ids`), in batches; the score does not depend on
   batch position or padding side. `normalized()` applies the mean/std saved in `reward_norm.json`.
-- `VerifierReward`: the task checkers (1.0 when every instruction passes; or the share passed).
+- `VerifierReward`: IFEval's verifiers from lm-evaluation-harness (1.0 when every instruction passes; or
+  the share passed), with a training-only guard against JSON-string answers.
 - `WeightedSum`: sum_i w_i * source_i, each normalised when it has statistics.
 
 `prompts` items may be a string, a list of chat messages, or an example dict from
@@ -108,22 +109,56 @@ class RewardModelScorer:
 
 
 class VerifierReward:
-    """The task checkers as a reward: 1.0 when every instruction passes (or the share that pass)."""
+    """IFEval's verifiers as a reward: 1.0 when every instruction passes, or (`partial`) the share of the
+    prompt's instructions that pass. The verdicts are lm-evaluation-harness's strict ones
+    (`pipeline.checkers.check_record`).
 
-    def __init__(self, partial: bool = False):
+    `json_guard` (default on, training only): the harness's `detectable_format:json_format` passes any
+    text that parses as JSON, so an answer wrapped in double quotes (a JSON string) or a bare number passes
+    it. With the guard the reward also requires the JSON to be an object or an array. This is the reward's
+    own rule, applied after the harness's verdict; evaluation always reports the harness's verdict."""
+
+    def __init__(self, partial: bool = False, json_guard: bool = True):
         self.partial = partial
+        self.json_guard = json_guard
 
-    def score(self, prompts: list, responses: list[str]) -> torch.Tensor:
+    def verdicts(self, prompt: Any, response: str) -> list[bool]:
+        """Per instruction: the harness's strict verdict, then the reward's JSON guard."""
         from .checkers import check_record
 
+        if not isinstance(prompt, dict) or not prompt.get("instruction_id_list"):
+            raise ValueError("the verifier reward needs prompt records with `instruction_id_list` and `kwargs` "
+                             "(IFEval style); this prompt has none. Use a reward model for plain prompts.")
+        ids = prompt["instruction_id_list"]
+        if not response.strip():
+            return [False] * len(ids)
+        ok = check_record(response, ids, prompt["kwargs"])
+        if self.json_guard:
+            ok = [passed and (i != JSON_FORMAT or json_container(response)) for i, passed in zip(ids, ok)]
+        return ok
+
+    def score(self, prompts: list, responses: list[str]) -> torch.Tensor:
         out = []
         for p, r in zip(prompts, responses):
-            if not isinstance(p, dict) or not p.get("instruction_id_list"):
-                raise ValueError("the verifier reward needs prompt records with `instruction_id_list` and `kwargs` "
-                                 "(IFEval style); this prompt has none. Use a reward model for plain prompts.")
-            ok = check_record(r, p["instruction_id_list"], p["kwargs"]) if r.strip() else [False]
+            ok = self.verdicts(p, r)
             out.append(sum(ok) / len(ok) if self.partial else float(all(ok)))
         return torch.tensor(out, dtype=torch.float32)
+
+
+JSON_FORMAT = "detectable_format:json_format"
+
+
+def json_container(response: str) -> bool:
+    """Whether the response, unwrapped like the harness's JsonFormat check (``` / ```json fences removed),
+    parses as a JSON object or array (not a bare string, number, boolean or null)."""
+    value = response.strip()
+    for prefix in ("```json", "```Json", "```JSON", "```"):
+        value = value.removeprefix(prefix)
+    value = value.removesuffix("```").strip()
+    try:
+        return isinstance(json.loads(value), (dict, list))
+    except ValueError:
+        return False
 
 
 class WeightedSum:

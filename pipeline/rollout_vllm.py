@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .onpolicy import SamplingSettings, hf_sample, mask_after_eos, unwrap_for_generation
+from .onpolicy import SamplingSettings, hf_sample, pad_responses, unwrap_for_generation
 
 Tensor = torch.Tensor
 GPU_MEMORY_UTILIZATION = 0.3  # share of the GPU one vLLM engine may take (the trainer needs the rest)
@@ -175,19 +175,3 @@ def _merged_copy_save(core, path: str) -> None:
 
         core = copy.deepcopy(core).merge_and_unload()
     core.save_pretrained(path)
-
-
-def pad_responses(token_lists: list[list[int]], eos_id: int, pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Engine outputs (token ids, EOS included when sampled) -> (response_ids (B, T) padded after the first
-    EOS or the row's end, response_mask, ended): the shapes `onpolicy.sample_responses` returns."""
-    seqs = [list(t) or [eos_id] for t in token_lists]
-    T = max(len(t) for t in seqs)
-    response = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    within = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, t in enumerate(seqs):
-        response[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        within[i, :len(t)] = True
-    mask, ended = mask_after_eos(response, eos_id)
-    mask &= within
-    response = torch.where(mask, response, torch.full_like(response, pad_id))
-    return response.to(device), mask.to(device), ended.to(device)

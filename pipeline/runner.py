@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .config import Recipe, dump_recipe
-from .data import load_rows, preference_examples, prompt_examples, sft_examples
+from .data import LOCAL_SUFFIXES, load_rows, preference_examples, prompt_examples, sft_examples
 from .utils import atomic_write_json, atomic_write_text, log, package_versions, set_seed
 
 STAGE_MODULES = {s: f"pipeline.stages.{s}" for s in ("sft", "reward", "ppo", "distill", "eval")}
@@ -29,22 +29,48 @@ def stage_module(name: str):
     return importlib.import_module(STAGE_MODULES[name])
 
 
-def validate_data(recipe: Recipe) -> list[str]:
-    """Open and check every data file the recipe's stages read. Returns one line per file."""
+def check_data_path(spec: str, key: str, where: str) -> None:
+    """A data key's value before it is read: a folder or a missing local file is an error naming the key
+    (a name that is neither, e.g. `org/dataset:split`, is a hub dataset, read by `load_rows`)."""
+    from .data import DataError, _is_saved_dataset
+    from .preflight import _looks_local
+
+    src = getattr(spec, "source", None)  # a DataSpec from a `{path: ..., split: ...}` mapping
+    if src is not None and (src.data_files or not src.path):
+        return  # a builder with data_files: read (and checked) by datasets
+    target = src.path if src is not None else str(spec)
+    path = Path(target).expanduser()
+    if path.is_dir():
+        # A folder is a dataset only when `datasets` can read it: saved with save_to_disk, or holding data files.
+        if _is_saved_dataset(path) or any(p.suffix in LOCAL_SUFFIXES for p in path.rglob("*") if p.is_file()):
+            return
+        raise DataError(f"{where}: `{key}`: {target} is a folder with no data files in it; give a data file "
+                        "(.jsonl, .json, .parquet or .csv), a folder saved by `datasets.save_to_disk`, or a hub "
+                        "dataset `org/name[:split]`.")
+    if path.exists():
+        return
+    if path.suffix in LOCAL_SUFFIXES or _looks_local(target):
+        raise DataError(f"{where}: `{key}`: data file {target} not found (relative paths are read from {Path.cwd()}).")
+
+
+def validate_data(recipe: Recipe, stages: list[str] | None = None) -> list[str]:
+    """Open and check every data file the recipe's stages (or `stages`) read. Returns one line per file."""
     lines = []
+    where = recipe.source or "<recipe>"
 
     def check(stage: str, key: str, spec: str | None, fn) -> None:
         if not spec:
             if key in ("data", "prompts"):
                 from .config import RecipeError
 
-                raise RecipeError(f"{recipe.source}: `{stage}.{key}` is required (a data file or hub dataset).")
+                raise RecipeError(f"{where}: `{stage}.{key}` is required (a data file or hub dataset).")
             return
+        check_data_path(spec, f"{stage}.{key}", where)
         rows = load_rows(spec)
         n = fn(rows, spec)
         lines.append(f"{stage}.{key}: {spec}: {n} examples")
 
-    for stage in recipe.stages:
+    for stage in (recipe.stages if stages is None else stages):
         sec = getattr(recipe, stage)
         if stage == "sft":
             check(stage, "data", sec.data, lambda r, s: len(sft_examples(r, s)))
@@ -165,16 +191,38 @@ def changed_inputs(recipe: Recipe) -> tuple[list[str], list[str]]:
     return stages, lines
 
 
+RUN_MARKERS = ("recipe.resolved.yaml", "run_info.json")
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder this pipeline wrote a run into (it holds recipe.resolved.yaml or run_info.json)."""
+    return any((Path(path) / m).is_file() for m in RUN_MARKERS)
+
+
+def stages_wrote_anything(out: Path) -> bool:
+    """Whether any stage of the run in `out` has written a file (an empty stage folder does not count)."""
+    from .config import STAGE_NAMES
+
+    return any(p.is_file() for s in STAGE_NAMES if (Path(out) / s).is_dir() for p in (Path(out) / s).rglob("*"))
+
+
 def prepare_output_dir(recipe: Recipe, force: bool = False) -> list[str]:
     """Check an existing run directory. Returns the stages whose outputs or checkpoints are stale and
     must rerun (with --force); refuses a changed recipe or changed data files without it, showing what
-    changed."""
+    changed. A run that stopped before any stage wrote a file holds nothing to protect: it is started
+    again under the new recipe, without --force."""
     from .config import RecipeError
 
     resolved = recipe.output_dir / "recipe.resolved.yaml"
     if not resolved.exists():
         return []
+    if not stages_wrote_anything(recipe.output_dir):
+        return []
     old, new = resolved.read_text(encoding="utf-8"), dump_recipe(recipe)
+    from .hub import only_outputs_changed
+
+    if old != new and only_outputs_changed(old, recipe):  # trackers, uploads, checkpoint keeping: no rerun
+        old = new
     data_stages, lines = changed_inputs(recipe)
     if old == new and not data_stages:
         return []
@@ -206,14 +254,50 @@ def invalidate_stage(recipe: Recipe, stage: str) -> None:
             shutil.rmtree(d / ck)
 
 
+def write_report(out: Path) -> None:
+    """The run's report.md / report.html from whatever stages finished. A failure here is logged, never
+    raised: it must not hide the run's own outcome."""
+    try:
+        from .report import build_report
+
+        log(f"report: {build_report(out)}")
+    except Exception as e:  # noqa: BLE001
+        log(f"report: not written ({type(e).__name__}: {e}); rebuild it with `pipeline report {out}`")
+
+
 def run_recipe(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
                rerun: bool = False) -> dict[str, dict]:
+    """`_run_stages`, then the run's report (main process only), also when a stage failed: the report
+    shows what finished. Not after an interruption (Ctrl-C, SIGTERM), which should stop promptly, nor
+    when the run directory was refused."""
+    from .checkpoint import Interrupted
+    from .config import RecipeError
+
+    try:
+        summaries = _run_stages(recipe, stages, force, rerun)
+    except Exception as e:
+        # RecipeError: the run directory was refused before any stage ran; nothing new to report.
+        if not isinstance(e, (Interrupted, RecipeError)) and is_main_process() and recipe.output_dir.is_dir():
+            write_report(recipe.output_dir)
+        raise
+    if is_main_process():
+        write_report(recipe.output_dir)
+    return summaries
+
+
+def _run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = False,
+                rerun: bool = False) -> dict[str, dict]:
     """Run the stages in order. Finished stages (summary.json present) are skipped; an interrupted
     stage continues from its last checkpoint. `rerun` runs the given stages again even if finished."""
     from .checkpoint import InterruptFlag, set_active_flag
 
+    from .hub import after_stage, check_outputs, finalize_stage
+    from .tracking import set_run_trackers
+
     stages = stages or recipe.stages
     main = is_main_process()
+    check_outputs(recipe, stages)  # trackers installed, Hub uploads possible: before any training
+    set_run_trackers(recipe.run.report_to, recipe.run.name, recipe.output_dir)
     stale = prepare_output_dir(recipe, force) if main else []
     if main:
         for s in set(stale) | (set(stages) if rerun else set()):
@@ -225,6 +309,8 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
             log(f"=== stage {stage}: already finished ({recipe.stage_dir(stage) / 'summary.json'}); skipping "
                 "(use --rerun to run it again)")
             summaries[stage] = json.loads((recipe.stage_dir(stage) / "summary.json").read_text())
+            if main:  # an upload that failed last time, checkpoints to drop
+                summaries[stage] = after_stage(recipe, stage, summaries[stage])
             continue
         section = getattr(recipe, stage)
         if section is None:
@@ -246,7 +332,9 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
         summaries[stage] = summary
         if not main:
             continue
+        finalize_stage(recipe, stage, summary)  # model cards, the adapter's portable base
         atomic_write_json(stage_dir / "summary.json", summary)
         log(f"=== stage {stage} done in {summary['seconds']}s: " + json.dumps(
             {k: v for k, v in summary.items() if isinstance(v, (int, float)) and k != "seconds"}))
+        summaries[stage] = after_stage(recipe, stage, summary)  # Hub upload, checkpoint clean-up
     return summaries

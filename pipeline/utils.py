@@ -10,6 +10,7 @@ import random
 import shutil
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -71,19 +72,38 @@ def _finite_or_str(v: Any) -> Any:
 
 
 class MetricsLogger:
-    """Appends one JSON object per step to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per step to `metrics.jsonl` (always) and mirrors the numbers to the run's
+    experiment trackers (`run.report_to`, see pipeline/tracking.py): TensorBoard event files in
+    `<stage>/tensorboard/`, and W&B / Trackio / MLflow through accelerate's tracker classes.
 
-    def __init__(self, stage_dir: Path, tensorboard: bool = True):
+    `tensorboard=False`: metrics.jsonl only (the Trainer stages, whose Trainer logs to the trackers itself).
+    `report_to`: the trackers; None takes the run's (`tracking.set_run_trackers`, default TensorBoard).
+    `project` / `run_name`: the tracker project and this stage's run in it (default: the run's name and
+    `<run name>-<stage directory name>`)."""
+
+    def __init__(self, stage_dir: Path, tensorboard: bool = True, report_to=None, project: str | None = None,
+                 run_name: str | None = None, config: dict | None = None):
+        from .tracking import run_trackers, stage_run_name, start_trackers, tracker_list
+
         self.path = Path(stage_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tb = None
-        if tensorboard:
+        self._trackers: list = []
+        if not tensorboard:
+            return
+        default_trackers, default_project = run_trackers(stage_dir)
+        trackers = default_trackers if report_to is None else tracker_list(report_to)
+        project = project or default_project
+        if "tensorboard" in trackers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(Path(stage_dir) / "tensorboard"))
             except Exception:  # tensorboard is optional at run time
                 self._tb = None
+        self._trackers = start_trackers(trackers, project, run_name or stage_run_name(project, Path(stage_dir).name),
+                                        config)
+        _OPEN_LOGGERS.add(self)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, "time": round(time.time(), 3)}
@@ -93,14 +113,33 @@ class MetricsLogger:
             row[k] = _finite_or_str(v) if isinstance(v, float) else v
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=_json_default) + "\n")
+        scalars = {k: v for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")}
         if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if scalars:
+            for tracker in self._trackers:
+                tracker.log(scalars, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        for tracker in self._trackers:
+            tracker.finish()
+        self._trackers = []
+        _OPEN_LOGGERS.discard(self)
+
+
+_OPEN_LOGGERS: "weakref.WeakSet[MetricsLogger]" = weakref.WeakSet()
+
+
+def close_metrics_loggers() -> None:
+    """Close every MetricsLogger still open (the runner calls it when a stage ends), so a tracker run
+    never outlives its stage: W&B would hand the next stage's `init` the same run."""
+    for logger in list(_OPEN_LOGGERS):
+        logger.close()
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Tests for pipeline.checkers (IFEval-style instruction checkers and fixers)."""
+"""pipeline.checkers: lm-evaluation-harness's IFEval verdicts for all 25 instruction ids (hand-written
+responses, one passing and one failing per id, strict; loose cases), validation errors, fixers."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.checkers import (
-    CHECKERS,
     FIX_ORDER,
+    FIXABLE_IDS,
     SUPPORTED_IDS,
     UnknownInstructionError,
     apply_constraint,
@@ -20,8 +21,7 @@ from pipeline.checkers import (
     validate_record,
 )
 
-IFEVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "ifeval"
-SUBSET = IFEVAL_DIR / "subset_supported.jsonl"
+IFEVAL_FILE = Path(__file__).resolve().parents[1] / "eval" / "ifeval" / "input_data.jsonl"
 
 LOWER = "change_case:english_lowercase"
 UPPER = "change_case:english_capital"
@@ -40,91 +40,101 @@ PLAIN = (
 )
 
 
-def test_registry_and_supported_ids():
-    assert SUPPORTED_IDS == tuple(sorted(CHECKERS))
-    assert set(SUPPORTED_IDS) == {LOWER, UPPER, NO_COMMA, WORDS, END, KEYWORDS, BULLETS, QUOTE}
-    assert set(FIX_ORDER) == set(SUPPORTED_IDS)
+def test_supported_ids_are_the_harness_registry():
+    from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    assert len(SUPPORTED_IDS) == 25
+    assert set(SUPPORTED_IDS) == set(INSTRUCTION_DICT)
+    assert set(FIX_ORDER) == set(FIXABLE_IDS) == {LOWER, UPPER, NO_COMMA, WORDS, END, KEYWORDS, BULLETS, QUOTE}
 
 
-# ----------------------------------------------------------------------- checkers
+# ----------------------------------------------------------------------- the 25 ids, strict
+# (id, kwargs, a response that follows it, a response that does not), written by hand.
+CASES = [
+    ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "at least"},
+     "The NASA team met the FBI agents today.", "The team met the agents today."),
+    (UPPER, {}, "THIS IS A SHORT ANSWER WRITTEN IN ENGLISH ABOUT THE WEATHER TODAY.",
+     "This is a short answer written in English about the weather today."),
+    (LOWER, {}, "this is a short answer written in english about the weather today.",
+     "This is a short answer written in English about the weather today."),
+    ("combination:repeat_prompt", {"prompt_to_repeat": "Write a poem about the sea."},
+     "Write a poem about the sea. The sea is wide and blue.", "Here is a poem about the sea."),
+    ("combination:two_responses", {}, "The first answer is short.\n******\nThe second answer is different.",
+     "The same answer.\n******\nThe same answer."),
+    ("detectable_content:number_placeholders", {"num_placeholders": 2},
+     "Dear [name], please meet me at [address].", "Dear [name], see you soon."),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."},
+     "Thanks for reading.\nP.S. I will call you tomorrow.", "Thanks for reading. I will call you tomorrow."),
+    ("detectable_format:constrained_response", {}, "My answer is yes.", "Yes, definitely."),
+    ("detectable_format:json_format", {}, '```json\n{"name": "Ada", "age": 36}\n```', "name: Ada, age: 36"),
+    ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 2},
+     "Section 1\nThe intro.\nSection 2\nThe details.", "The intro.\nThe details."),
+    (BULLETS, {"num_bullets": 2}, "* one\n* two", "* one\n* two\n- three"),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2},
+     "This has *one part* and *another part* highlighted.", "Only *one part* is highlighted here."),
+    ("detectable_format:title", {}, "<<A Song of the Sea>>\nThe waves roll in.",
+     "A Song of the Sea\nThe waves roll in."),
+    (KEYWORDS, {"keywords": ["ocean", "whale"]}, "The whale swam across the Ocean.",
+     "The whale swam across the sea."),
+    ("keywords:forbidden_words", {"forbidden_words": ["ocean"]}, "The whale swam across the oceanic trench.",
+     "The OCEAN is big."),
+    ("keywords:frequency", {"keyword": "sea", "frequency": 3, "relation": "at least"},
+     "The sea, the sea, and the sea again.", "The sea is calm today."),
+    ("keywords:letter_frequency", {"letter": "z", "let_frequency": 2, "let_relation": "at least"},
+     "Jazz is lively.", "A lazy cat sleeps."),
+    ("language:response_language", {"language": "fr"},
+     "Bonjour, je suis très heureux de vous rencontrer aujourd'hui. Le temps est magnifique.",
+     "Hello, I am very happy to meet you today. The weather is wonderful."),
+    ("length_constraints:nth_paragraph_first_word",
+     {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "however"},
+     "The first paragraph.\n\nHowever, the second one differs.", "The first paragraph.\n\nBut the second one differs."),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2}, "First paragraph.\n***\nSecond paragraph.",
+     "First paragraph.\n\nSecond paragraph."),
+    ("length_constraints:number_sentences", {"num_sentences": 3, "relation": "less than"},
+     "The sea is calm. The sky is blue.", "The sea is calm. The sky is blue. The sun is out. Birds sing."),
+    (WORDS, {"relation": "at least", "num_words": 5}, "one two three four five", "one two three four"),
+    (NO_COMMA, {}, "There are no commas here.", "Yes, there is one."),
+    (END, {"end_phrase": "Any other questions?"}, '"That is all. any other questions?"',
+     "Any other questions? That is all."),
+    (QUOTE, {}, '  "Wrapped in double quotes."\n', 'Not wrapped."'),
+]
 
 
-@pytest.mark.parametrize(
-    "instruction_id, kwargs, text",
-    [
-        (LOWER, {}, "hello world, all lowercase."),
-        (LOWER, {}, "123 abc"),
-        (UPPER, {}, "HELLO WORLD!"),
-        (UPPER, {}, "NUMBERS 123 ARE FINE"),
-        (NO_COMMA, {}, "No commas here."),
-        (NO_COMMA, {}, "Semicolons; dashes - fine"),
-        (WORDS, {"relation": "at least", "num_words": 3}, "one two three"),  # boundary
-        (WORDS, {"relation": "at least", "num_words": 2}, "it's fine"),  # it, s, fine
-        (WORDS, {"relation": "less than", "num_words": 4}, "one two three"),
-        (WORDS, {"relation": "less than", "num_words": 1}, "!!!"),
-        (END, {"end_phrase": "Peace!"}, "Goodbye. Peace!"),
-        (END, {"end_phrase": "Peace!"}, '"Goodbye. peace!"  \n'),  # quote, whitespace, case
-        (END, {"end_phrase": " Is there anything else? "}, "ok. is there anything else?"),
-        (KEYWORDS, {"keywords": ["python", "java"]}, "I like Python and JAVA."),
-        (KEYWORDS, {"keywords": ["c++"]}, "Written in C++ mostly."),  # escaped, literal
-        (BULLETS, {"num_bullets": 2}, "* one\n* two"),
-        (BULLETS, {"num_bullets": 3}, "Intro\n* one\n- two\n  * three\n**bold** line"),
-        (BULLETS, {"num_bullets": 0}, "No bullets. **Bold** only."),
-        (QUOTE, {}, '"quoted"'),
-        (QUOTE, {}, '  "multi\nline"\n'),
-    ],
-)
-def test_checker_true(instruction_id, kwargs, text):
-    assert CHECKERS[instruction_id](text, kwargs)
-    assert check_instruction(instruction_id, text, kwargs)
+def test_every_id_has_a_case():
+    assert sorted(c[0] for c in CASES) == list(SUPPORTED_IDS)
 
 
-@pytest.mark.parametrize(
-    "instruction_id, kwargs, text",
-    [
-        (LOWER, {}, "Hello world"),
-        (LOWER, {}, "123 !!!"),  # no cased letter: islower() is False
-        (LOWER, {}, ""),
-        (UPPER, {}, "HELLO world"),
-        (UPPER, {}, ""),
-        (NO_COMMA, {}, "one, two"),
-        (NO_COMMA, {}, "1,000"),
-        (WORDS, {"relation": "at least", "num_words": 4}, "one two three"),  # boundary
-        (WORDS, {"relation": "less than", "num_words": 3}, "one two three"),  # boundary
-        (WORDS, {"relation": "at least", "num_words": 1}, ""),
-        (END, {"end_phrase": "Peace!"}, "Peace! Goodbye."),
-        (END, {"end_phrase": "Peace!"}, "Peace"),
-        (KEYWORDS, {"keywords": ["python", "java"]}, "Only Python here."),
-        (KEYWORDS, {"keywords": ["c++"]}, "Written in ccc."),  # unescaped regex would match
-        (BULLETS, {"num_bullets": 2}, "* one\n* two\n- three"),
-        (BULLETS, {"num_bullets": 2}, "* one\n**two** not a bullet"),
-        (BULLETS, {"num_bullets": 1}, "1. numbered lists do not count"),
-        (QUOTE, {}, '"'),
-        (QUOTE, {}, '"unclosed'),
-        (QUOTE, {}, ""),
-    ],
-)
-def test_checker_false(instruction_id, kwargs, text):
-    assert not check_instruction(instruction_id, text, kwargs)
+@pytest.mark.parametrize("instruction_id, kwargs, good, bad", CASES, ids=[c[0] for c in CASES])
+def test_harness_verdict_strict(instruction_id, kwargs, good, bad):
+    assert check_instruction(instruction_id, good, kwargs) is True
+    assert check_instruction(instruction_id, bad, kwargs) is False
+    assert check_record(good, [instruction_id, NO_COMMA], [kwargs, {}])[0] is True
+
+
+def test_a_quoted_answer_passes_the_harness_json_check():
+    # Known gameability of IFEval's JsonFormat (kept: it is the harness's verdict); the reward guards it.
+    assert check_instruction("detectable_format:json_format", '"The whole answer, in quotes."', {})
+
+
+def test_harness_quirks_kept():
+    # Keywords are regular expressions in the harness (not escaped): "a.c" matches "abc"; a keyword that
+    # does not compile is refused with a clear error instead of a crash.
+    assert check_instruction(KEYWORDS, "Learn your abc.", {"keywords": ["a.c"]})
+    with pytest.raises(ValueError, match="regular expression"):
+        check_instruction(KEYWORDS, "[oops", {"keywords": ["[oops"]})
+    # english_lowercase also asks langdetect for English: lowercase non-English text fails.
+    assert not check_instruction(LOWER, "je suis très heureux de vous rencontrer aujourd'hui.", {})
+    # A 0 count is dropped by the harness (then drawn at random): refused here.
+    with pytest.raises(ValueError, match="num_bullets must be >= 1"):
+        check_instruction(BULLETS, "no bullets", {"num_bullets": 0})
 
 
 def test_blank_response_never_follows():
-    # Raw checker says "no comma found"; evaluation semantics require a non-blank response.
-    assert CHECKERS[NO_COMMA]("", {})
-    assert not check_instruction(NO_COMMA, "", {})
-    assert not check_instruction(NO_COMMA, "  \n ", {})
-    assert check_record("   ", [NO_COMMA, BULLETS], [{}, {"num_bullets": 0}]) == [False, False]
+    assert check_instruction(NO_COMMA, "   \n", {}) is False
+    assert check_record("", [NO_COMMA, QUOTE], [{}, {}], loose=True) == [False, False]
 
 
-def test_none_extra_kwargs_ignored():
-    kwargs = {"relation": "at least", "num_words": 2, "keywords": None, "end_phrase": None}
-    assert check_instruction(WORDS, "one two", kwargs)
-    assert check_instruction(NO_COMMA, "ok", {"num_words": None})
-
-
-def test_unexpected_non_none_kwarg_rejected():
-    with pytest.raises(ValueError, match="num_word"):
-        check_instruction(WORDS, "x", {"relation": "at least", "num_word": 3, "num_words": 3})
+# ----------------------------------------------------------------------- loose
 
 
 def test_check_record_strict_and_loose():
@@ -137,13 +147,15 @@ def test_check_record_strict_and_loose():
     assert check_record(response, ids, kwargs, loose=True) == [True, True, False, True]
 
 
-def test_loose_star_removal_and_first_line():
-    response = "**Title**\nthe body is all lowercase."
-    assert not check_instruction(LOWER, response, {})
-    assert check_instruction(LOWER, response, {}, loose=True)  # first line removed
-    bullets = "* a\n* b\n* c"
-    assert check_instruction(BULLETS, bullets, {"num_bullets": 0}, loose=True)  # '*' removed
-    assert not check_instruction(BULLETS, bullets, {"num_bullets": 0})
+@pytest.mark.parametrize("instruction_id, kwargs, text", [
+    (LOWER, {}, "**A Title**\nthe body of this answer is written in english and all lowercase."),  # first line
+    (END, {"end_phrase": "Any other questions?"}, "That is all. Any other questions?\nHope this helps."),  # last
+    ("detectable_format:json_format", {}, 'Here is the JSON:\n{"a": 1}'),  # first line
+    ("detectable_format:title", {}, "Sure!\n<<Title>>\nText\nBye"),  # no change needed: strict passes too
+])
+def test_loose_cases(instruction_id, kwargs, text):
+    assert check_instruction(instruction_id, text, kwargs, loose=True)
+    assert check_instruction(instruction_id, text, kwargs) == (instruction_id == "detectable_format:title")
 
 
 def test_loose_ignores_blank_variants():
@@ -151,12 +163,36 @@ def test_loose_ignores_blank_variants():
     assert not check_instruction(NO_COMMA, "a, b\nc, d", {}, loose=True)
 
 
-def test_check_record_length_mismatch():
-    with pytest.raises(ValueError, match="2 instruction ids but 1 kwargs"):
-        check_record("x", [NO_COMMA, LOWER], [{}])
+def test_none_extra_kwargs_ignored():
+    kwargs = {"relation": "at least", "num_words": 2, "keywords": None, "end_phrase": None}
+    assert check_instruction(WORDS, "one two", kwargs)
+    assert check_instruction(NO_COMMA, "ok", {"num_words": None})
+
+
+def test_letter_that_is_not_a_letter_is_reproducible():
+    # Public IFEval keys 1122 and 1129 have letter '#' and '!': the harness draws a random letter.
+    kw = {"letter": "#", "let_frequency": 3, "let_relation": "less than"}
+    text = "abcdefghijklmnopqrstuvwxyz " * 2
+    import random
+
+    random.seed(123)
+    state = random.getstate()
+    assert len({tuple(check_record(text, ["keywords:letter_frequency"], [kw])) for _ in range(5)}) == 1
+    assert describe("keywords:letter_frequency", kw) == describe("keywords:letter_frequency", kw)
+    assert random.getstate() == state  # the caller's random numbers are untouched
 
 
 # ----------------------------------------------------------------------- validation
+
+
+def test_unexpected_non_none_kwarg_rejected():
+    with pytest.raises(ValueError, match="num_word"):
+        check_instruction(WORDS, "x", {"relation": "at least", "num_word": 3, "num_words": 3})
+
+
+def test_check_record_length_mismatch():
+    with pytest.raises(ValueError, match="2 instruction ids but 1 kwargs"):
+        check_record("x", [NO_COMMA, LOWER], [{}])
 
 
 def test_unknown_id_error_names_id_where_and_suggestion():
@@ -174,11 +210,9 @@ def test_unknown_id_error_names_id_where_and_suggestion():
     assert err.suggestion == LOWER and err.instruction_id == "change_case:english_lowercas"
 
 
-def test_unknown_id_suggestion_from_name_only_and_upstream_note():
+def test_unknown_id_suggestion_from_name_only():
     with pytest.raises(UnknownInstructionError, match="did you mean 'punctuation:no_comma'"):
         check_instruction("no_comma", "x", {})
-    with pytest.raises(UnknownInstructionError, match="outside our supported subset"):
-        describe("keywords:forbidden_words", {"forbidden_words": ["a"]})
     with pytest.raises(UnknownInstructionError) as info:
         apply_constraint("zzz:qqq", "x", {})
     assert info.value.suggestion is None and "did you mean" not in str(info.value)
@@ -198,10 +232,15 @@ def test_missing_kwarg_error_names_it():
     [
         (WORDS, {"relation": "at most", "num_words": 3}, "relation"),
         (WORDS, {"relation": "at least", "num_words": "3"}, "num_words must be an int"),
-        (BULLETS, {"num_bullets": -1}, "num_bullets must be >= 0"),
+        (BULLETS, {"num_bullets": -1}, "num_bullets must be >= 1"),
         (KEYWORDS, {"keywords": []}, "keywords"),
         (KEYWORDS, {"keywords": "python"}, "keywords"),
         (END, {"end_phrase": "  "}, "end_phrase"),
+        ("language:response_language", {"language": "xx"}, "ISO 639-1"),
+        ("keywords:letter_frequency", {"letter": "ab", "let_frequency": 2, "let_relation": "at least"}, "letter"),
+        ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 3,
+                                                         "first_word": "so"}, "nth_paragraph"),
+        ("combination:repeat_prompt", {}, "prompt_to_repeat"),
     ],
 )
 def test_invalid_kwargs(instruction_id, kwargs, fragment):
@@ -218,14 +257,13 @@ def test_validate_record_shape_errors():
         validate_record({"instruction_id_list": [NO_COMMA]})
 
 
-@pytest.mark.skipif(not SUBSET.exists(), reason="shared/ifeval not available")
-def test_every_supported_subset_record_validates():
+def test_every_public_ifeval_record_validates():
     # Read-only use of evaluation data: validation only, never training.
-    lines = SUBSET.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 131
+    lines = IFEVAL_FILE.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 541
     for row, line in enumerate(lines, start=1):
         record = json.loads(line)
-        validate_record(record, where=f"{SUBSET.name} row {row}")
+        validate_record(record, where=f"{IFEVAL_FILE.name} row {row}")
         for instruction_id, kwargs in zip(record["instruction_id_list"], record["kwargs"]):
             assert describe(instruction_id, kwargs)
 
@@ -246,11 +284,17 @@ def test_every_supported_subset_record_validates():
         (LOWER, {}, "all lowercase letters"),
         (UPPER, {}, "all capital letters"),
         (QUOTE, {}, "wrapped in double quotes"),
+        ("keywords:forbidden_words", {"forbidden_words": ["b", "a"]},
+         "Do not include keywords ['a', 'b'] in the response."),  # the harness's own text
     ],
 )
 def test_describe(instruction_id, kwargs, expected):
     assert describe(instruction_id, kwargs) == expected
 
+
+def test_fixers_only_for_the_eight_ids():
+    with pytest.raises(ValueError, match="no fixer"):
+        apply_constraint("detectable_format:title", "x", {})
 
 # ----------------------------------------------------------------------- fixers
 
@@ -265,7 +309,6 @@ FIX_CASES = [
     (KEYWORDS, {"keywords": ["river", "hydrology", "salmon"]}),
     (BULLETS, {"num_bullets": 3}),  # merge sentences
     (BULLETS, {"num_bullets": 9}),  # split sentences
-    (BULLETS, {"num_bullets": 0}),
     (QUOTE, {}),
 ]
 

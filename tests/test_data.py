@@ -99,7 +99,7 @@ def test_json_array_file(tmp_path):
     ([{"prompt": "hi", "completion": "x"}, {"prompt": "hi"}], r"row 2: missing field `completion`"),
     ([{"prompt": "hi", "completion": "x"}, {"prompt": "", "completion": "x"}], r"row 2: field `prompt` is empty"),
     ([{"prompt": 3, "completion": "x"}], r"row 1: field `prompt` must be a non-empty string or a list"),
-    ([{"text": "x"}], r"row 1 has fields \['text'\].*SFT needs one of"),
+    ([{"instruction": "x", "output": "y"}], r"row 1 has fields \['instruction', 'output'\].*SFT needs one of.*columns"),
     ([{"messages": [{"role": "user", "content": "q"}]}], r"row 1: `messages` must end with an `assistant`"),
 ])
 def test_sft_errors_name_file_row_field(tmp_path, rows, match):

@@ -1,5 +1,5 @@
 """Reward math and scorers: Bradley-Terry by hand; the scorer is independent of batch position and
-padding; the verifier reward uses the checkers."""
+padding; the verifier reward is the share of IFEval instructions followed (harness verdicts)."""
 
 import math
 
@@ -62,12 +62,43 @@ def test_verifier_and_weighted_sum():
                                                                                    "change_case:english_lowercase"],
              "kwargs": [{}, {}]}] * 3
     v = VerifierReward()
-    assert v.score(rows, ["all good here", "Not lower", "a, b"]).tolist() == [1.0, 0.0, 0.0]
-    assert VerifierReward(partial=True).score(rows, ["all good here", "Not lower", ""]).tolist() == [1.0, 0.5, 0.0]
+    good = "all of this answer is written in english and in lowercase letters"
+    comma = "all of this answer, written in english, is in lowercase letters"
+    assert v.score(rows, [good, "Not lower", comma]).tolist() == [1.0, 0.0, 0.0]
+    assert VerifierReward(partial=True).score(rows, [good, "Not lower", ""]).tolist() == [1.0, 0.5, 0.0]
     with pytest.raises(ValueError, match="instruction_id_list"):
         v.score(["plain prompt"], ["x"])
     w = WeightedSum([(2.0, v), (0.5, VerifierReward(partial=True))])
-    assert w.score(rows, ["all good here", "Not lower", "a, b"]).tolist() == [2.5, 0.25, 0.25]
+    assert w.score(rows, [good, "Not lower", comma]).tolist() == [2.5, 0.25, 0.25]
+
+
+def test_partial_reward_is_the_share_of_instructions_followed():
+    ids = ["punctuation:no_comma", "startend:end_checker", "length_constraints:number_words",
+           "detectable_format:title"]
+    kwargs = [{}, {"end_phrase": "Bye."}, {"relation": "at least", "num_words": 6}, {}]
+    row = {"prompt": [{"role": "user", "content": "x"}], "instruction_id_list": ids, "kwargs": kwargs}
+    responses = ["<<Note>>\nThe sea is calm today. Bye.",   # all four
+                 "<<Note>>\nThe sea, calm. Bye.",            # comma and too short: 2 of 4
+                 "The sea is calm, today, truly.",            # only the word count: 1 of 4
+                 "Hi, there"]                                  # none
+    scores = VerifierReward(partial=True).score([row] * 4, responses).tolist()
+    assert scores == [1.0, 0.5, 0.25, 0.0]
+    assert VerifierReward().score([row] * 4, responses).tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_json_guard_refuses_a_quoted_answer_in_the_reward_only():
+    from pipeline.checkers import check_record
+    from pipeline.rewards import json_container
+
+    row = {"prompt": "x", "instruction_id_list": ["detectable_format:json_format"], "kwargs": [{}]}
+    quoted = '"Here is my answer, all of it inside one pair of quotes."'
+    assert check_record(quoted, row["instruction_id_list"], row["kwargs"]) == [True]  # the harness's verdict
+    guarded, plain = VerifierReward(), VerifierReward(json_guard=False)
+    assert guarded.score([row], [quoted]).tolist() == [0.0]
+    assert plain.score([row], [quoted]).tolist() == [1.0]
+    for ok in ('{"answer": "yes"}', '```json\n[1, 2]\n```'):
+        assert guarded.score([row], [ok]).tolist() == [1.0], ok
+    assert not json_container("42") and not json_container("null") and json_container(" {} ")
 
 
 def test_build_reward_passes_verifier_partial_from_the_recipe():

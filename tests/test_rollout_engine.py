@@ -14,10 +14,10 @@ from pipeline.onpolicy import (
     encode_prompts,
     hf_sample,
     seeded_rng,
-    shard,
 )
+from pipeline.distributed import shard
+from pipeline.onpolicy import pad_responses
 from pipeline.rollout_vllm import (
-    pad_responses,
     resolve_engine_name,
     rollout_engine,
     sampled_ids,
@@ -48,7 +48,8 @@ def test_auto_falls_back_to_hf_on_cpu(available):
 def test_stage_with_vllm_engine_fails_before_training(tmp_path):
     from pipeline.config import DistillConfig, KeepLayersConfig, ModelConfig, StudentConfig
     from pipeline.models import resolve_precision
-    from pipeline.stages.distill import DistillModels, student_from_teacher, train_distill
+    from pipeline.models import student_from_teacher
+    from pipeline.stages.distill import DistillModels, train_distill
 
     tok = build_tiny_tokenizer()
     teacher = build_tiny_model(tok, n_layers=2).eval().requires_grad_(False)

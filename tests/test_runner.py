@@ -33,6 +33,8 @@ def test_fingerprints_name_each_stages_local_files(tmp_path):
 def test_changed_data_is_refused_then_rerun_with_force(tmp_path):
     recipe = _recipe(tmp_path)
     write_run_info(recipe)
+    (recipe.output_dir / "sft").mkdir()
+    (recipe.output_dir / "sft" / "metrics.jsonl").write_text('{"step": 1}\n')  # a stage has written: protected
     assert prepare_output_dir(recipe) == []  # same recipe, same files
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "other"}\n')
     with pytest.raises(RecipeError) as e:
@@ -63,3 +65,73 @@ def test_force_drops_the_checkpoints_made_from_the_old_data(tmp_path, monkeypatc
     saved = json.loads((recipe.output_dir / "inputs.json").read_text())
     assert saved == stage_input_files(recipe)  # the new files are now the run's
     assert prepare_output_dir(recipe) == []
+
+
+# --- a run that failed before any stage wrote a file does not lock its directory ---------------
+
+
+def _cli_recipe(tmp_path, lr="1.0e-4"):
+    """A recipe `pipeline run` accepts without weights: the model is a folder with a config.json."""
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    (tmp_path / "r.yaml").write_text(
+        f"run: {{name: t, output_dir: {tmp_path / 'out'}}}\nmodel: {{name_or_path: {tmp_path / 'm'}}}\n"
+        f"stages: [sft]\nsft: {{data: {tmp_path / 'sft.jsonl'}, lr: {lr}}}\n")
+    return str(tmp_path / "r.yaml")
+
+
+def _fake_stage(monkeypatch, fail_with=None, write=False):
+    from pipeline.models import ModelError
+
+    ran = []
+
+    def run(recipe, stage_dir):
+        ran.append(recipe.sft.lr)
+        if write:
+            (stage_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+        if fail_with:
+            raise ModelError(fail_with)
+        return {}
+
+    monkeypatch.setattr("pipeline.runner.stage_module", lambda s: type("M", (), {"run": staticmethod(run)}))
+    monkeypatch.setattr("pipeline.runner.write_report", lambda out: None, raising=False)
+    return ran
+
+
+def test_a_run_that_failed_before_writing_anything_can_be_rerun_with_a_fixed_recipe(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    _fake_stage(monkeypatch, fail_with="model: cannot load")
+    assert main(["run", _cli_recipe(tmp_path)]) == 2
+    assert (tmp_path / "out" / "recipe.resolved.yaml").exists()
+    capsys.readouterr()
+    ran = _fake_stage(monkeypatch)
+    assert main(["run", _cli_recipe(tmp_path, lr="5.0e-4")]) == 0, capsys.readouterr().err  # no --force needed
+    assert ran == [5e-4]
+    assert "lr: 0.0005" in (tmp_path / "out" / "recipe.resolved.yaml").read_text()
+
+
+def test_a_run_whose_stage_wrote_files_is_still_protected(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    _fake_stage(monkeypatch, fail_with="died mid-stage", write=True)
+    assert main(["run", _cli_recipe(tmp_path)]) == 2
+    capsys.readouterr()
+    ran = _fake_stage(monkeypatch)
+    assert main(["run", _cli_recipe(tmp_path, lr="5.0e-4")]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of a different recipe" in err and "--force" in err and ran == []
+    assert main(["run", _cli_recipe(tmp_path, lr="5.0e-4"), "--force"]) == 0 and ran == [5e-4]
+
+
+def test_resume_insists_on_a_run_to_resume(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    ran = _fake_stage(monkeypatch, fail_with="died", write=True)
+    assert main(["run", _cli_recipe(tmp_path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "holds no run to resume" in err and ran == []  # nothing started
+    assert main(["run", _cli_recipe(tmp_path)]) == 2  # a run that stopped mid-stage
+    ran = _fake_stage(monkeypatch)
+    assert main(["run", _cli_recipe(tmp_path), "--resume"]) == 0 and ran == [1e-4]

@@ -29,7 +29,7 @@ def token_level_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float
 
     scores (B,), kl (B, T), mask (B, T) -> rewards (B, T). Rows with no valid token get no score.
     """
-    # the score belongs to the EOS token itself, not the pad after it (PITFALLS: rollouts)
+    # the score belongs to the EOS token itself, not the pad after it (docs/implementation_details.md)
     mask = mask.bool()
     rewards = _zero_masked(-kl_coef * kl, mask)
     last = (mask.sum(-1) - 1).clamp(min=0)  # (B,) index of the last valid token (prefix spans)

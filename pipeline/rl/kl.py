@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from pipeline.rl.logprobs import entropy_from_logits, upcast
+
 Tensor = torch.Tensor
 
 
@@ -75,7 +77,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tens
 
 def _check_vocab(student_logits: Tensor, teacher_logits: Tensor) -> None:
     if student_logits.shape != teacher_logits.shape:
-        # same-family models can pad vocabularies differently (PITFALLS): slice to the shared vocab
+        # same-family models can pad vocabularies differently (docs/implementation_details.md): slice to the shared vocab
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} != teacher logits "
             f"{tuple(teacher_logits.shape)}; slice both to the shared vocabulary first"
@@ -103,8 +105,8 @@ def _row_divergence(
         return student_logits.new_zeros(student_logits.shape[:-1], dtype=torch.float32)
     rows = []
     for s_row, t_row in zip(student_logits, teacher_logits):
-        logp_s = F.log_softmax(s_row.float() / temperature, dim=-1)
-        logp_t = F.log_softmax(t_row.float() / temperature, dim=-1)
+        logp_s = F.log_softmax(upcast(s_row) / temperature, dim=-1)
+        logp_t = F.log_softmax(upcast(t_row) / temperature, dim=-1)
         rows.append(fn(logp_s, logp_t))
     return torch.stack(rows)
 
@@ -200,3 +202,9 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict) -> None:
         self.value = float(state["value"])
+
+
+def student_state_figures(s_logits: Tensor, t_logits: Tensor) -> dict[str, Tensor]:
+    """Exact per-token reverse / forward KL to the teacher and the student's entropy, at temperature 1."""
+    return {"reverse_kl": reverse_kl_full(s_logits, t_logits), "forward_kl": forward_kl_full(s_logits, t_logits),
+            "entropy": entropy_from_logits(s_logits)}

@@ -29,10 +29,15 @@ __all__ = [
 Tensor = torch.Tensor
 
 
+def upcast(x: Tensor) -> Tensor:
+    """Half / bfloat16 / float32 -> float32; float64 stays float64 (tests compare in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _scaled_row(logits_row: Tensor, temperature: float) -> Tensor:
-    """(T, V) in any dtype -> (T, V) float32 divided by the sampling temperature."""
-    # divide by the sampling temperature, or recomputed log-probs do not match the sampler (PITFALLS)
-    row = logits_row.float()
+    """(T, V) in any dtype -> (T, V) float32 (float64 stays) divided by the sampling temperature."""
+    # divide by the sampling temperature, or recomputed log-probs do not match the sampler (docs/implementation_details.md)
+    row = upcast(logits_row)
     return row if temperature == 1.0 else row / temperature
 
 

@@ -3,7 +3,7 @@
 Normalisation: every loss is a SUM over counted tokens divided by `loss_norm_tokens`, the number
 of counted tokens in the whole minibatch, which the caller passes to each micro-batch. Summing the
 micro-batch losses then gives exactly the minibatch loss and gradient, however the minibatch is
-split (PITFALLS: gradient accumulation). None means mask.sum() (the call is the whole minibatch).
+split (docs/implementation_details.md: gradient accumulation). None means mask.sum() (the call is the whole minibatch).
 
 NaN safety: masked slots may hold NaN/inf in any input; they are replaced with torch.where before
 any arithmetic, so neither the loss nor the gradient w.r.t. a leaf input sees them.
@@ -12,9 +12,11 @@ Stats are detached scalar tensors (masked means over this call's tokens).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from pipeline.rl.kl import kl_penalty
+from pipeline.rl.kl import forward_kl_full, generalized_jsd_full, kl_penalty, reverse_kl_full
 from pipeline.rl.masks import masked_mean, masked_sum, masked_var
 
 Tensor = torch.Tensor
@@ -125,3 +127,27 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     var_returns = masked_var(returns, mask, unbiased=False)
     ev = 1 - masked_var(returns - values, mask, unbiased=False) / var_returns
     return torch.where(var_returns == 0, torch.full_like(ev, float("nan")), ev)
+
+
+# Distillation: the divergence to a teacher at each visited state, and its sampled-token estimate.
+
+
+def divergence_fn(name: str, jsd_beta: float = 0.5):
+    """(student_logits, teacher_logits, temperature) -> (B, T) per-token divergence over the vocabulary."""
+    return {"reverse_kl": reverse_kl_full, "forward_kl": forward_kl_full,
+            "jsd": functools.partial(generalized_jsd_full, beta=jsd_beta)}[name]
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, divergence: str, n_tokens: float,
+                 temperature: float = 1.0, jsd_beta: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Full-vocabulary estimator. (B, T, V) x2, mask (B, T) -> (sum of counted per-token divergences /
+    n_tokens, the per-token divergence (B, T)). `n_tokens` counts the whole minibatch (optimise)."""
+    per_token = divergence_fn(divergence, jsd_beta)(student_logits, teacher_logits.detach(), temperature=temperature)
+    return masked_sum(per_token, mask.bool()) / n_tokens, per_token
+
+
+def sampled_rewards(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """r_t = -(log pi_s(a_t) - log pi_t(a_t)): minus the k1 reverse-KL estimate at the sampled token (B, T).
+    Zero on uncounted tokens."""
+    r = -(student_logprobs - teacher_logprobs)
+    return torch.where(mask.bool(), r, torch.zeros((), dtype=r.dtype, device=r.device))

@@ -57,7 +57,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     shift_mean=False keeps the original mean (only rescales), as TRL/torchtune's `whiten` do for
     rewards. Masked slots come out as 0.
     """
-    # whiten over the whole rollout batch, not per micro-batch (PITFALLS: losses and KL)
+    # whiten over the whole rollout batch, not per micro-batch (docs/implementation_details.md)
     mask = _bool(mask, x)
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)

@@ -12,9 +12,14 @@ are loaded one at a time:
   3. the reward model, when given, scores every response (mean, std, and the win rate against the
      baseline model: share of prompts where RM(model) > RM(baseline), ties count half; the
      baseline, default the reference, is evaluated too when it is not listed);
-  4. checker pass rates (IFEval semantics, `pipeline.checkers`), lengths and EOS shares; then
-     `results.json`, `samples.jsonl`, `metrics.jsonl` (`eval/<set>/<model>/<metric>`), a table on
-     stdout and `report.md` / `report.html` for the whole run directory.
+  4. checker pass rates (IFEval semantics, `pipeline.checkers`) with a 95% Wilson interval, lengths and
+     EOS shares; each listed model against the one before it and against the reference, paired on the
+     same prompts (gained, lost, McNemar exact p), and per instruction id against the reference (issue
+     #22: `per_id_paired`, a significant drop is flagged as a regression); then `results.json`,
+     `samples.jsonl`, `metrics.jsonl` (`eval/<set>/<model>/<metric>`) and a table on stdout. The
+     runner writes `report.md` / `report.html` for the whole run directory after the last stage.
+
+Generation shows its progress: a tqdm bar on a terminal, plain log lines otherwise (a log file).
 
 KL: the per-token mean of log p_model - log p_ref over the response tokens, teacher-forced at
 temperature 1: sum over all response tokens of the set / number of tokens (k1). The tokens come from
@@ -42,7 +47,7 @@ import torch
 
 from ..config import EvalConfig, Recipe, RecipeError, RunConfig
 from ..data import load_rows, prompt_token_ids, prompt_examples
-from ..generation import generate, left_pad
+from ..generation import Generations, generate, left_pad
 from ..models import Precision, load_policy, resolve_model_path, resolve_precision
 from ..utils import MetricsLogger, atomic_write_json, atomic_write_text, log, set_seed
 
@@ -156,6 +161,31 @@ def paired_pass_test(passed: list[bool], before: list[bool]) -> dict:
             "p_value": p}
 
 
+def per_id_paired(checks: list[Optional[list[dict]]], before: list[Optional[list[dict]]]) -> dict[str, dict]:
+    """Instruction-level pass per instruction id, a model against another on the same prompts (issue #22).
+
+    For each id, the prompts carrying it (an id listed twice in a prompt counts twice): both pass rates
+    (`pass_rate`, `pass_rate_against`) and `paired_pass_test` of this instruction's strict pass, i.e.
+    gained, lost and McNemar's exact p over those prompts. `regression`: significantly worse
+    (`report.is_regression`: p < 0.05 and more lost than gained)."""
+    from ..report import is_regression
+
+    pairs: dict[str, tuple[list[bool], list[bool]]] = {}
+    for now, was in zip(checks, before):
+        if now is None or was is None:
+            continue
+        for a, b in zip(now, was):  # the same record: the same instructions in the same order
+            pairs.setdefault(a["id"], ([], []))
+            pairs[a["id"]][0].append(bool(a["strict"]))
+            pairs[a["id"]][1].append(bool(b["strict"]))
+    out = {}
+    for i, (a, b) in sorted(pairs.items()):
+        t = {"pass_rate": sum(a) / len(a), "pass_rate_against": sum(b) / len(b), **paired_pass_test(a, b)}
+        t["regression"] = is_regression(t)
+        out[i] = t
+    return out
+
+
 def prompt_passes(checks: list[Optional[list[dict]]]) -> list[bool]:
     """Strict prompt-level pass of each prompt that carries instructions."""
     return [all(i["strict"] for i in r) for r in checks if r is not None]
@@ -179,7 +209,7 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
 
     Rows are sorted by length so batches pad little. Query left-padded, response right-padded;
     position ids follow the attention mask (onpolicy.model_inputs). Logits are sliced to the
-    tokenizer's vocabulary (PITFALLS: padded vocabularies differ within a family).
+    tokenizer's vocabulary (padded vocabularies differ within a family: docs/implementation_details.md).
     """
     from ..onpolicy import RolloutBatch, recompute_logprobs
     from ..rl import masked_sum
@@ -249,6 +279,44 @@ def _vocab_hash(tok) -> int:
     return hash(tuple(sorted(tok.get_vocab().items())))
 
 
+# Without a terminal (a log file, a job scheduler) progress is a plain line every few batches, about
+# this many per (model, prompt set), instead of a bar redrawn with carriage returns.
+PROGRESS_LINES = 10
+
+
+def generate_with_progress(model, tok, prompts: list, *, batch_size: int, desc: str, tty: Optional[bool] = None,
+                           **gen_kwargs) -> Generations:
+    """`generation.generate` one batch at a time, showing progress: a tqdm bar when stderr is a terminal,
+    else a `log` line every ceil(batches / PROGRESS_LINES) batches and after the last one.
+
+    The batches are the ones `generate` forms itself (prompts sorted by token length, stable, cut every
+    `batch_size`), and it keeps the order of an already sorted batch, so the answers are the same as
+    from one `generate` call over all prompts."""
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty() if tty is None else tty
+    lengths = [len(prompt_token_ids(tok, p)) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    every = max(1, math.ceil(len(batches) / PROGRESS_LINES))
+    texts: list = [None] * len(prompts)
+    ids: list = [None] * len(prompts)
+    ended: list = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, file=sys.stderr, disable=not tty)
+    t0, done = time.time(), 0
+    for b, idx in enumerate(batches):
+        g = generate(model, tok, [prompts[i] for i in idx], batch_size=batch_size, progress=False, **gen_kwargs)
+        for j, i in enumerate(idx):
+            texts[i], ids[i], ended[i] = g.texts[j], g.response_ids[j], g.ended[j]
+        done += len(idx)
+        bar.update(len(idx))
+        if not tty and ((b + 1) % every == 0 or b + 1 == len(batches)):
+            log(f"eval: {desc}: {done}/{len(prompts)} prompts, batch {b + 1}/{len(batches)}, "
+                f"{time.time() - t0:.0f}s")
+    bar.close()
+    return Generations(texts=texts, response_ids=ids, ended=ended)
+
+
 def answer_all(run: ModelRun, sets: list[PromptSet], recipe: Recipe, precision: Precision, logprobs: bool) -> None:
     """Step 1: load the model, answer every set, keep the log-probs of its own responses (unless it
     is the reference), unload."""
@@ -259,9 +327,10 @@ def answer_all(run: ModelRun, sets: list[PromptSet], recipe: Recipe, precision: 
     for ps in sets:
         set_seed(recipe.run.seed)  # each model's sampling is reproducible whatever the order
         prompts = [ex["prompt"] for ex in ps.examples]
-        gens = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                        do_sample=cfg.do_sample, temperature=cfg.temperature, autocast=precision.autocast_ctx(),
-                        progress=sys.stderr.isatty(), desc=f"{run.name} on {ps.name}")
+        gens = generate_with_progress(model, tok, prompts, max_new_tokens=cfg.max_new_tokens,
+                                      batch_size=cfg.batch_size, do_sample=cfg.do_sample,
+                                      temperature=cfg.temperature, autocast=precision.autocast_ctx(),
+                                      desc=f"{run.name} on {ps.name}")
         p_ids = [prompt_token_ids(tok, p) for p in prompts]
         a = run.answers[ps.name] = Answers(gens.texts, p_ids, gens.response_ids, gens.ended)
         if logprobs:
@@ -322,6 +391,10 @@ def set_metrics(a: Answers, checks: list[Optional[list[dict]]], baseline: Option
     m: dict[str, Any] = {k: None for k in METRICS}
     m["n_prompts"] = len(a.texts)
     m.update(summarize_checks(checks) or {})
+    if m.get("n_checked"):
+        from ..report import wilson_interval
+
+        m["pass_rate_ci95"] = list(wilson_interval(round(m["pass_rate"] * m["n_checked"]), m["n_checked"]))
     m["response_length"] = sum(lengths) / len(lengths)
     m["eos_share"] = sum(a.ended) / len(a.ended)
     if a.kl_sums is not None:
@@ -363,6 +436,10 @@ def evaluate(recipe: Recipe, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(recipe.model)
+    if cfg.ifeval and not cfg.prompts:  # only IFEval by lm-evaluation-harness (pipeline/ifeval.py)
+        from ..ifeval import evaluate_only
+
+        return evaluate_only(recipe, out_dir)
     sets = load_prompt_sets(cfg.prompts, cfg.max_prompts)  # fail on bad data before loading any model
     ref_ref = cfg.reference or "base"
     base_ref = (cfg.baseline or ref_ref) if cfg.reward_from else None
@@ -404,10 +481,15 @@ def evaluate(recipe: Recipe, out_dir: Path) -> dict:
     }
     samples, flat = [], {}
     listed = runs[:len(dict.fromkeys(cfg.models))]  # the recipe's models in its order (base, sft, ppo, ...)
+    # Per instruction id, every listed model is tested against the KL reference (issue #22); when the
+    # reference was not evaluated, against the first listed model.
+    against = next((r for r in runs if r.path == ref_path), listed[0])
+    if against.path != ref_path and len(listed) > 1:
+        notes.append(f"per-instruction tests are against {against.name}: the reference {ref_ref} was not evaluated.")
     for ps in sets:
-        per_model, passes = {}, {}
+        per_model, passes, all_checks = {}, {}, {}
         for run in runs:
-            checks = instruction_results(ps.examples, run.answers[ps.name].texts)
+            checks = all_checks[run.name] = instruction_results(ps.examples, run.answers[ps.name].texts)
             passes[run.name] = prompt_passes(checks)
             b = baseline.answers[ps.name] if baseline else None
             m = per_model[run.name] = set_metrics(run.answers[ps.name], checks, b)
@@ -423,7 +505,21 @@ def evaluate(recipe: Recipe, out_dir: Path) -> dict:
                   for a, b in zip(listed, listed[1:]) if passes[a.name]]
         if paired:
             results["sets"][ps.name]["paired"] = paired
+        others = [r for r in listed if r is not against]
+        if passes[against.name] and others:
+            # Prompt-level, each listed model against the reference (the headline's "overall" line) ...
+            results["sets"][ps.name]["paired_reference"] = [
+                {"model": r.name, "against": against.name, **paired_pass_test(passes[r.name], passes[against.name])}
+                for r in others]
+            # ... and instruction-level per instruction id.
+            results["sets"][ps.name]["per_id_paired"] = {
+                "against": against.name,
+                "models": {r.name: per_id_paired(all_checks[r.name], all_checks[against.name]) for r in others}}
 
+    if cfg.ifeval:  # IFEval by lm-evaluation-harness on every listed model (pipeline/ifeval.py)
+        from ..ifeval import add_to_results
+
+        samples += add_to_results(results, flat, recipe, [(r.name, r.path) for r in listed], precision)
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     # One measurement, like results.json: a rerun replaces the row instead of appending a second one.
@@ -443,7 +539,7 @@ def evaluate(recipe: Recipe, out_dir: Path) -> dict:
 
 def results_table(results: dict) -> str:
     """The compact stdout table: one line per (model, set)."""
-    from ..report import fmt, text_table
+    from ..report import fmt, regression_lines, text_table
 
     cols = [("pass_rate", "pass"), ("instruction_pass_rate", "instr"), ("response_length", "len"),
             ("eos_share", "eos"), ("kl", "kl/tok")]
@@ -457,6 +553,9 @@ def results_table(results: dict) -> str:
     if paired:
         out += "\n\nPrompt-level pass, paired on the same prompts (McNemar exact p):\n" + text_table(
             ["models", "set", "gained", "lost", "diff", "p"], paired)
+    flags = regression_lines(results)
+    if flags:
+        out += "\n\n" + "\n".join(flags)
     return out
 
 
@@ -471,13 +570,9 @@ def _summary(results: dict) -> dict:
 
 
 def run(recipe: Recipe, stage_dir: Path) -> dict:
-    from ..report import build_report
-
     results = evaluate(recipe, stage_dir)
     print(results_table(results), flush=True)
-    report = build_report(recipe.output_dir, results_path=stage_dir / "results.json")
-    log(f"eval: report {report}")
-    return _summary(results)
+    return _summary(results)  # the runner writes the run's report after its last stage
 
 
 def evaluate_cli(args) -> int:
@@ -485,9 +580,10 @@ def evaluate_cli(args) -> int:
     from ..report import build_report
 
     recipe = Recipe(run=RunConfig(name="eval", output_dir=args.output_dir), stages=["eval"], eval=EvalConfig(
-        models=list(args.models), prompts=list(args.prompts), reward_from=args.reward_model,
+        models=list(args.models), prompts=list(args.prompts or []), reward_from=args.reward_model,
         reference=args.models[0], baseline=args.models[0], max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, max_prompts=args.max_prompts,
+        batch_size=args.batch_size, max_prompts=args.max_prompts, ifeval=getattr(args, "ifeval", False),
+        ifeval_limit=getattr(args, "limit", None), ifeval_max_gen_toks=getattr(args, "max_gen_toks", None),
     ), source="pipeline eval")
     results = evaluate(recipe, Path(args.output_dir))
     print(results_table(results))

@@ -26,6 +26,7 @@ from ..config import Recipe, RewardConfig
 from ..data import completion_token_ids, load_rows, preference_examples, prompt_examples, prompt_token_ids
 from ..models import load_tokenizer, peft_lora_config, resolve_model_path, resolve_precision, save_final
 from ..rewards import NORM_FILE, RewardModelScorer
+from ..tracking import finish_trainer_trackers, trainer_report_args
 from ..utils import MetricsLogger, atomic_write_json, log
 from .common import (
     InterruptCallback,
@@ -171,7 +172,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         save_strategy="steps",
         save_steps=cfg.checkpoint_every,
         save_total_limit=2,
-        report_to=["tensorboard"],
+        **trainer_report_args(recipe, "reward"),  # run.report_to (pipeline/tracking.py)
         seed=recipe.run.seed,
         max_length=None,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
@@ -207,6 +208,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         log(f"reward: held-out accuracy {summary['rm/accuracy_before']:.3f} -> {after['rm/accuracy']:.3f}, "
             f"margin {after['rm/margin']:.3f}")
     metrics.close()
+    finish_trainer_trackers()  # the next stage's metrics go to a run of their own
     stats = normalisation_stats(recipe, cfg, scorer, norm_policy_ref(recipe, cfg, init), precision)
     summary["norm"] = stats
     if trainer.accelerator.is_main_process:

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..config import Recipe, SFTConfig
 from ..data import load_rows, sft_examples, tokenize_sft
 from ..models import load_policy, peft_lora_config, resolve_precision, save_final
+from ..tracking import finish_trainer_trackers, trainer_report_args
 from ..utils import MetricsLogger, log
 from .common import (
     InterruptCallback,
@@ -164,7 +165,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         save_strategy="steps",
         save_steps=cfg.checkpoint_every,
         save_total_limit=2,
-        report_to=["tensorboard"],
+        **trainer_report_args(recipe, "sft"),  # run.report_to (pipeline/tracking.py)
         seed=recipe.run.seed,
         data_seed=recipe.run.seed,
         completion_only_loss=cfg.completion_only_loss,
@@ -220,6 +221,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         summary["eval_loss"] = after
         summary["eval_ppl"] = math.exp(min(after, 50))
     metrics.close()
+    finish_trainer_trackers()  # the next stage's metrics go to a run of their own
     if trainer.accelerator.is_main_process:
         save_final(trainer.model, tok, stage_dir / "final")
     trainer.accelerator.wait_for_everyone()

@@ -36,7 +36,8 @@ def run_ppo(out: Path) -> None:
     from transformers import LlamaForSequenceClassification
 
     from pipeline.config import ModelConfig, PPOConfig
-    from pipeline.onpolicy import ValueModel, accelerate_precision
+    from pipeline.distributed import accelerate_precision
+    from pipeline.rlmodels import ValueModel
     from pipeline.stages.ppo import PPOModels, train_ppo
 
     precision, accelerator = accelerate_precision(ModelConfig(cpu_autocast="off"))
@@ -50,7 +51,7 @@ def run_ppo(out: Path) -> None:
                        critic=critic.eval())
     prompts = [{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS]
     ppo = PPOConfig(iterations=3, rollout_batch_size=ROLLOUT, minibatch_size=ROLLOUT, micro_batch_size=2,
-                    generation_batch_size=ROLLOUT // 2, ppo_epochs=2, lr=3e-3, critic_lr=3e-3, max_new_tokens=8,
+                    generation_batch_size=ROLLOUT // 2, epochs=2, lr=3e-3, critic_lr=3e-3, max_new_tokens=8,
                     kl_coef=0.05, lora=None, advantage="gae", log_samples_every=0, checkpoint_every=0)
     train_ppo(models, CountToken(), prompts, ppo, precision, out / "ppo", seed=0, accelerator=accelerator,
               progress=False)
@@ -96,7 +97,7 @@ def main() -> None:
     if args.fault == "local_token_count":
         import pipeline.onpolicy as onpolicy
 
-        onpolicy._global_sum = lambda x, accelerator: x
+        onpolicy.global_sum = lambda x, accelerator: x
     run_ppo(args.out)
     run_distill(args.out)
 

@@ -22,20 +22,18 @@ from pipeline.onpolicy import (
     recompute_logprobs,
     response_logits,
 )
+from pipeline.models import TokenizerMismatchError, keep_layer_indices, student_from_teacher
+from pipeline.stages.distill_eval import heldout_eval
 from pipeline.stages.distill import (
     DistillModels,
-    TokenizerMismatchError,
     beta_at,
     check_config,
     distill_loss,
-    heldout_eval,
-    keep_layer_indices,
     make_loss_fn,
     StateStats,
     make_rollout,
     sampled_rewards,
     state_stats,
-    student_from_teacher,
     train_distill,
 )
 
@@ -129,7 +127,7 @@ def test_beta_schedules_and_keep_layers():
 
 
 def test_influence_student_keeps_the_layers_with_the_highest_block_influence():
-    from pipeline.stages.distill import block_influence
+    from pipeline.models import block_influence
 
     tok = build_tiny_tokenizer()
     teacher = build_tiny_model(tok, n_layers=4).eval()
@@ -280,7 +278,9 @@ def test_mismatched_tokenizers_error_before_any_model_is_loaded(kind, tmp_path, 
     def no_compute(*a, **k):
         raise AssertionError("a model was loaded before the tokenizer check")
 
-    monkeypatch.setattr(distill, "load_causal_lm", no_compute)
+    import pipeline.rlmodels
+
+    monkeypatch.setattr(pipeline.rlmodels, "load_causal_lm", no_compute)
     recipe = _recipe(tmp_path, tmp_path / "teacher", student={"name_or_path": str(tmp_path / "student")})
     with pytest.raises(TokenizerMismatchError, match="vocabularies differ" if kind == "vocab" else "pad_token_id"):
         distill.run(recipe, tmp_path / "run" / "distill")
@@ -480,7 +480,7 @@ def test_full_reverse_kl_loss_and_gradient_match_trl_distillation_trainer():
 
 
 def test_distinct_ngrams_hand_computed():
-    from pipeline.stages.distill import distinct_ngrams
+    from pipeline.stages.distill_eval import distinct_ngrams
 
     # "a b a b a": 2-grams ab ba ab ba -> 2 distinct of 4; "x y z": 2 of 2; "w": no 2-gram, skipped.
     assert distinct_ngrams(["a b a b a", "x y z", "w"], n=2) == pytest.approx((0.5 + 1.0) / 2)

@@ -13,7 +13,8 @@ from conftest import write_jsonl
 from pipeline.cli import main
 from pipeline.config import load_recipe, parse_recipe
 from pipeline.runner import run_recipe
-from pipeline.stages.eval import model_name, paired_pass_test, pass_rates, sequence_logprobs, set_name, win_rate
+from pipeline.stages.eval import (generate_with_progress, model_name, paired_pass_test, pass_rates, per_id_paired,
+                                  sequence_logprobs, set_name, win_rate)
 
 ROOT = Path(__file__).resolve().parents[2]
 LOWER, NO_COMMA, WORDS, QUOTE = ("change_case:english_lowercase", "punctuation:no_comma",
@@ -89,6 +90,50 @@ def test_paired_pass_test_is_mcnemars_exact_test():
     assert paired_pass_test([True] * 6, [False] * 6)["p_value"] == pytest.approx(2 / 64)
     with pytest.raises(ValueError, match="equal"):
         paired_pass_test([True], [True, False])
+
+
+def test_per_id_paired_is_mcnemar_over_the_prompts_carrying_each_id():
+    def checks(rows):  # rows: per prompt, [(id, strict)] or None for a plain prompt
+        return [None if r is None else [{"id": i, "kwargs": {}, "strict": ok, "loose": ok} for i, ok in r]
+                for r in rows]
+
+    before = checks([[(LOWER, True), (NO_COMMA, True)], [(LOWER, True)], None, [(LOWER, False)], [(NO_COMMA, True)]])
+    after = checks([[(LOWER, False), (NO_COMMA, True)], [(LOWER, False)], None, [(LOWER, True)], [(NO_COMMA, False)]])
+    t = per_id_paired(after, before)
+    # LOWER on prompts 0, 1, 3: lost 2 (0, 1), gained 1 (3): p = 2 * (1 + 3) / 8 = 1
+    assert t[LOWER] == {"pass_rate": 1 / 3, "pass_rate_against": 2 / 3, "n": 3, "gained": 1, "lost": 2,
+                        "difference": pytest.approx(-1 / 3), "p_value": 1.0, "regression": False}
+    # NO_COMMA on prompts 0 and 4: lost 1 (4)
+    assert (t[NO_COMMA]["n"], t[NO_COMMA]["gained"], t[NO_COMMA]["lost"]) == (2, 0, 1)
+    # a planted regression: 8 of 8 lost -> p = 2 / 256, flagged; 8 gained is not a regression
+    many = checks([[(QUOTE, True)]] * 8)
+    none = checks([[(QUOTE, False)]] * 8)
+    assert per_id_paired(none, many)[QUOTE]["regression"] is True
+    assert per_id_paired(none, many)[QUOTE]["p_value"] == pytest.approx(2 / 256)
+    assert per_id_paired(many, none)[QUOTE]["regression"] is False
+
+
+def test_eval_progress_lines_when_stderr_is_not_a_terminal(tiny_model_dir, capsys):
+    """Without a terminal (capsys's stderr is not one), generation logs plain progress lines; its answers are
+    those of one `generate` call over all prompts (the same length-sorted batches)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.generation import generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "word " * n}] for n in (5, 1, 9, 3, 7, 2, 4)]
+    assert not sys.stderr.isatty()
+    got = generate_with_progress(model, tok, prompts, batch_size=2, desc="tiny on set", max_new_tokens=6)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "eval: tiny on set:" in line]
+    assert [line.split(": ", 2)[2].split(",")[0] for line in lines] == ["2/7 prompts", "4/7 prompts", "6/7 prompts",
+                                                                      "7/7 prompts"]
+    assert "batch 4/4" in lines[-1]
+    whole = generate(model, tok, prompts, batch_size=2, max_new_tokens=6)
+    assert got.texts == whole.texts and got.response_ids == whole.response_ids and got.ended == whole.ended
+    generate_with_progress(model, tok, prompts, batch_size=2, desc="tiny on set", max_new_tokens=6, tty=True)
+    assert "[pipeline] eval:" not in capsys.readouterr().err  # on a terminal: the tqdm bar instead
 
 
 def test_set_and_model_names():
@@ -173,6 +218,20 @@ def test_eval_stage_metrics_kl_to_itself_zero_and_report(tmp_path, tiny_model_di
     checked = [s for s in samples if s["index"] == 1]
     assert all([i["id"] for i in s["instructions"]] == [NO_COMMA, WORDS] for s in checked)
     assert "instructions" not in samples[2] and samples[2]["prompt"] == "hello world"
+    # per instruction id, each model against the reference (base), from the same samples (issue #22)
+    per = results["sets"]["heldout"]["per_id_paired"]
+    assert per["against"] == "base" and list(per["models"]) == ["twin", "other"]
+    for model, ids in per["models"].items():
+        for i, t in ids.items():
+            def marks(m):
+                return [x["passed"] for s in samples if s["model"] == m
+                        for x in s.get("instructions", []) if x["id"] == i]
+
+            now, was = marks(model), marks("base")
+            assert (t["n"], t["gained"], t["lost"]) == (len(now), sum(a and not b for a, b in zip(now, was)),
+                                                       sum(b and not a for a, b in zip(now, was)))
+    assert [p["model"] for p in results["sets"]["heldout"]["paired_reference"]] == ["twin", "other"]
+    assert len(models["base"]["pass_rate_ci95"]) == 2
     metrics = _read_jsonl(out / "metrics.jsonl")[-1]
     assert metrics["eval/heldout/other/pass_rate"] == models["other"]["pass_rate"]
     assert f"eval/heldout/base/instruction_pass_rate/{LOWER}" in metrics

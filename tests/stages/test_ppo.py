@@ -13,14 +13,14 @@ from pipeline.models import resolve_precision
 from pipeline.onpolicy import (
     RolloutBatch,
     UpdateSettings,
-    ValueModel,
     encode_prompts,
     mask_after_eos,
     optimise,
     policy_logprobs,
     recompute_logprobs,
 )
-from pipeline.stages.ppo import PPOModels, train_ppo
+from pipeline.rlmodels import PPOModels, ValueModel
+from pipeline.stages.ppo import train_ppo
 
 PROMPTS = [{"prompt": [{"role": "user", "content": f"hello world {i}"}]} for i in range(8)]
 
@@ -68,7 +68,7 @@ def test_ppo_raises_toy_reward(advantage, tmp_path):
     models = tiny_models(advantage)
     cfg = PPOConfig(iterations=45, rollout_batch_size=16 if advantage != "rloo" else 8,
                     samples_per_prompt=2 if advantage == "rloo" else 1, minibatch_size=8, micro_batch_size=4,
-                    ppo_epochs=2, lr=3e-3, critic_lr=3e-3, max_new_tokens=12, kl_coef=0.01, lora=None,
+                    epochs=2, lr=3e-3, critic_lr=3e-3, max_new_tokens=12, kl_coef=0.01, lora=None,
                     advantage=advantage, log_samples_every=10)
     prec = resolve_precision(ModelConfig(cpu_autocast="off"))
     hist = train_ppo(models, CountToken(), PROMPTS, cfg, prec, tmp_path, seed=0, progress=False)

@@ -33,6 +33,8 @@ def test_reward_stage_learns_toy_preferences(tmp_path, tiny_model_dir):
     norm = json.loads((final / "reward_norm.json").read_text())
     assert norm["n"] == 8 and norm["std"] > 0
     model = AutoModelForSequenceClassification.from_pretrained(final)
+    card = (final / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "reward_norm.json" in card
     assert model.config.num_labels == 1 and model.config.pad_token_id != model.config.eos_token_id
     metrics = [json.loads(x) for x in (tmp_path / "out" / "reward" / "metrics.jsonl").read_text().splitlines()]
     assert any("rm/accuracy" in m for m in metrics) and any("rm/loss" in m for m in metrics)

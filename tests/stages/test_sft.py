@@ -54,6 +54,13 @@ def test_sft_lora_keeps_adapter_beside_merged_weights(tmp_path, tiny_model_dir):
     x = torch.tensor([[1, 5, 9, 12, 2]])
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, with_adapter(x).logits, atol=1e-4, rtol=1e-4)
+    # A local base with no `model.hub_id` is named by its absolute path, not the path as written; cards
+    # replace PEFT's empty template (tests/test_outputs.py covers hub ids and moved run directories).
+    cfg = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    card = (final / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card and "Model Card for Model ID" not in card
+    assert "library_name: transformers" in (final / "README.md").read_text()
 
 
 def test_response_start_weights_hand_values():
