@@ -113,13 +113,13 @@ def summarise(steps: list[dict]) -> dict:
 
 
 def side_ours(args, out: Path) -> dict:
-    import pipeline.stages.distill as distill_stage
+    import pipeline.loop as loop
     from pipeline.config import DistillConfig, KeepLayersConfig, Recipe, StudentConfig
     from pipeline.models import resolve_precision
     from pipeline.onpolicy import unwrap_for_generation
     from pipeline.stages.distill import build_models, train_distill
 
-    distill_stage.Throughput = CPUThroughput  # train_distill makes one per iteration
+    loop.Throughput = CPUThroughput  # the one loop makes one per iteration
 
     torch.manual_seed(args.seed)
     mcfg = model_config()

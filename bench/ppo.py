@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import LoraConfig, ModelConfig, PPOConfig, Recipe  # noqa: E402
 from pipeline.data import load_rows, prompt_examples  # noqa: E402
 from pipeline.models import resolve_precision  # noqa: E402
-import pipeline.stages.ppo as ppo_stage  # noqa: E402
+import pipeline.loop as loop  # noqa: E402
 from pipeline.rlmodels import ValueModel  # noqa: E402
-from pipeline.stages.ppo import PPOModels, build_models, train_ppo  # noqa: E402
+from pipeline.rlmodels import PPOModels  # noqa: E402
+from pipeline.stages.ppo import build_models, train_ppo  # noqa: E402
 
 from bench_common import CPUThroughput  # noqa: E402  (bench/, the script's own folder)
 
@@ -99,7 +100,7 @@ def main() -> None:
     t0 = time.time()
     out = Path("bench/results")
     out.mkdir(parents=True, exist_ok=True)
-    ppo_stage.Throughput = CPUThroughput  # train_ppo makes one per iteration
+    loop.Throughput = CPUThroughput  # the one loop makes one per iteration
     hist = train_ppo(models, reward, prompts, cfg, precision, out, seed=0, progress=False)
     wall = time.time() - t0
     h = hist[-1]  # the first iteration warms up kernels and caches

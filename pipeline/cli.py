@@ -3,6 +3,7 @@
     pipeline run RECIPE.yaml [section.key=value ...] [--stages sft eval] [--force] [--resume] [--rerun]
     pipeline validate RECIPE.yaml [section.key=value ...] [--stages sft eval] [--force]
     pipeline recipes
+    pipeline cp NAME DEST [--force]
     pipeline eval --models A B C --prompts FILE.jsonl [--output-dir DIR]
     pipeline eval --models base --ifeval [--limit N] [--max-gen-toks 256]
     pipeline data RECIPE.yaml [--stage sft] [--key data] [--show N]
@@ -36,8 +37,30 @@ def _error_text(e: BaseException) -> str:
 
 
 def recipes_dir() -> Path:
-    # Shipped recipes live beside the package in a source checkout.
-    return Path(__file__).resolve().parent.parent / "recipes"
+    """The shipped recipes: `recipes/` beside the package in a source checkout, else the data-only package
+    `pipeline_recipes` that a wheel or an editable install holds (pyproject.toml maps `recipes/` to it).
+    Found through the import system's search locations rather than `importlib.resources.files`, which
+    fails on a package without `__init__.py` under setuptools' editable finder (Python 3.11)."""
+    import importlib.util
+
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "recipes").is_dir():
+        return checkout / "recipes"
+    try:
+        spec = importlib.util.find_spec("pipeline_recipes")
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if any(Path(location).glob("*.yaml")):
+            return Path(location)
+    return checkout / "recipes"  # absent: `pipeline recipes` says none were found there
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> file of every shipped recipe: `quickstart`, ..., and the accelerate configs as `accelerate/fsdp`."""
+    d = recipes_dir()
+    names = {p.relative_to(d).with_suffix("").as_posix(): p for p in d.rglob("*.yaml")}
+    return {n: names[n] for n in sorted(names, key=lambda n: ("/" in n, n))}
 
 
 def _first_comment_line(path: Path) -> str:
@@ -54,9 +77,73 @@ def cmd_recipes(args) -> int:
     if not paths:
         print(f"no recipes found in {d}")
         return 1
-    width = max(len(str(p.relative_to(d.parent))) for p in paths)
+    width = max(len(p.name) for p in paths)
     for p in paths:
-        print(f"{str(p.relative_to(d.parent)):<{width}}  {_first_comment_line(p)}")
+        print(f"{p.name:<{width}}  {_first_comment_line(p)}")
+    configs = sorted(n for n in shipped_recipes() if "/" in n)
+    if configs:
+        print(f"accelerate configs: {', '.join(configs)}")
+    print(f"(in {d}; `pipeline cp NAME DEST` copies one out, e.g. `pipeline cp quickstart my_recipes/`)")
+    return 0
+
+
+def _recipe_data_paths(text: str) -> list[str]:
+    """`stage.key: path` for each local data path a recipe names (hub ids and mappings left out)."""
+    import yaml
+
+    from .data import DATA_KEYS
+
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        return []
+    out = []
+    for stage, keys in DATA_KEYS.items():
+        section = raw.get(stage) if isinstance(raw, dict) else None
+        for key in keys if isinstance(section, dict) else ():
+            values = section.get(key)
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, str) and value and Path(value).suffix:
+                    out.append(f"{stage}.{key}: {value}")
+    return out
+
+
+def cmd_cp(args) -> int:
+    """Copy a shipped recipe out of the package: DEST is a folder (DEST/NAME.yaml) or a `.yaml` file."""
+    from .config import RecipeError
+    from .utils import atomic_write_text
+
+    recipes = shipped_recipes()
+    name = args.name[:-5] if args.name.endswith(".yaml") else args.name
+    name = name[len("recipes/"):] if name.startswith("recipes/") else name
+    if name not in recipes:
+        import difflib
+
+        hint = difflib.get_close_matches(name, list(recipes), n=1)
+        extra = f" Did you mean `{hint[0]}`?" if hint else ""
+        raise RecipeError(f"pipeline cp: no shipped recipe named {args.name!r}.{extra} "
+                          f"Shipped: {', '.join(recipes) or f'none (none found in {recipes_dir()})'}.")
+    dest = Path(args.dest)
+    if dest.suffix.lower() not in (".yaml", ".yml"):
+        if dest.exists() and not dest.is_dir():
+            raise RecipeError(f"pipeline cp: {dest} is a file, not a folder; give a folder (the recipe is written "
+                              f"as {dest}/{Path(name).name}.yaml) or a file name ending in .yaml.")
+        dest = dest / f"{Path(name).name}.yaml"
+    if dest.is_dir():
+        raise RecipeError(f"pipeline cp: {dest} is a folder; give a file name ending in .yaml or a folder "
+                          "without the suffix.")
+    if dest.exists() and not args.force:
+        raise RecipeError(f"pipeline cp: {dest} exists; pass --force to overwrite it, or give another DEST.")
+    text = recipes[name].read_text(encoding="utf-8")
+    atomic_write_text(dest, text)
+    print(f"wrote {dest} (from {recipes[name]})")
+    paths = _recipe_data_paths(text)
+    if paths:
+        print("Its data paths are read relative to the folder you run it from (the shipped data/ and eval/ are "
+              "in the source repository); point them at your own files:")
+        for line in paths:
+            print(f"  {line}")
+        print(f"`pipeline data {dest} --stage STAGE --show 2` shows what a stage will read.")
     return 0
 
 
@@ -211,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
     ls.set_defaults(func=cmd_recipes)
+
+    cp = sub.add_parser("cp", help="copy a shipped recipe to a file or folder",
+                        description="Copy a shipped recipe (see `pipeline recipes`) out of the installed package, "
+                        "e.g. `pipeline cp quickstart my_recipes/` writes my_recipes/quickstart.yaml. The accelerate "
+                        "configs are `accelerate/NAME`.")
+    cp.add_argument("name", help="a recipe name, e.g. quickstart (or accelerate/multi_gpu_ddp)")
+    cp.add_argument("dest", help="a folder (NAME.yaml is written into it) or a file name ending in .yaml")
+    cp.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
+    cp.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    cp.set_defaults(func=cmd_cp)
 
     e = sub.add_parser("eval", help="evaluate models on held-out prompts outside a recipe",
                        description="Generate with each model on the prompts and score the responses.")

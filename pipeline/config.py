@@ -241,6 +241,10 @@ class OnPolicyConfig:
     log_samples_every: int = 5
     checkpoint_every: int = 10
     max_nonfinite_steps: int = 3
+    # Per-token log-probs, entropies and divergences from the final hidden states through the output layer in
+    # chunks of this many positions, so the (batch, tokens, vocabulary) logits never exist at once (the same
+    # values and gradients; one extra output-layer matmul per chunk in backward). 0: off.
+    logits_chunk_size: int = 0
     # Upload `<stage>/final/` (model card included; a LoRA adapter in its `adapter/` folder) to the Hub repo
     # `hub_model_id` once the stage has finished. Needs a write token (`hf auth login` or HF_TOKEN).
     push_to_hub: bool = False

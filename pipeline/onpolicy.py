@@ -1,14 +1,14 @@
-"""The shared on-policy loop over the token-level MDP: rollout -> per-token rewards -> update.
+"""The parts of the on-policy core over the token-level MDP that the one loop (`pipeline/loop.py`) runs.
 
 State s_t = prompt + response tokens so far; action a_t = the next token; an episode ends at EOS or
-at `max_new_tokens`. PPO and distillation both run through this module; they differ only in how a
-rollout batch gets its rewards/advantages (or teacher log-probs) and in the per-minibatch loss.
+at `max_new_tokens`. PPO and distillation differ only in how a rollout batch gets its rewards /
+advantages (or teacher labels) and in the per-minibatch loss; everything here serves both.
 
-    rollout:  sample_responses -> RolloutBatch(query, response, mask, behaviour log-probs)
-    label:    the stage fills ref_logprobs / values / rewards / advantages / teacher_logprobs
-    update:   optimise(batch, loss_fn): epochs x shuffled minibatches x micro-batches,
+    rollout:  sample_rows / sample_responses -> RolloutBatch(query, response, mask, ended)
+    forward:  response_logits / policy_logprobs / response_hidden (the training forward, left padding)
+    update:   optimise(batch, loss_fn, updaters): epochs x shuffled minibatches x micro-batches,
               loss normalised by the minibatch's total counted tokens (gradient accumulation
-              and processes do not change it), gradient clipping, optional early stop on approx KL.
+              and processes do not change it), a gradient clip per updater, optional early stop on approx KL.
 
 Tensors: query (B, P) left-padded; response (B, T) right-padded after the first EOS;
 `response_mask` True = a response token that counts (through the first EOS, nothing after it).
@@ -141,10 +141,31 @@ def response_logits(model, batch: RolloutBatch) -> Tensor:
     return out.logits[:, P - 1:P + T - 1]
 
 
+def response_hidden(model, batch: RolloutBatch) -> tuple[Tensor, Any]:
+    """(final hidden states that predict each response token (B, T, H), the output layer): what
+    `response_logits` would project, for chunked log-probs and divergences (`rl/chunked.py`)."""
+    from .rl.chunked import causal_lm_hidden
+
+    input_ids, attention_mask, position_ids = model_inputs(
+        batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+    T = batch.response_ids.shape[1]
+    hidden, head = causal_lm_hidden(model, input_ids, attention_mask, position_ids, keep=T + 1)
+    return hidden[:, :T], head
+
+
 def policy_logprobs(model, batch: RolloutBatch, temperature: float, with_entropy: bool = False,
-                    vocab_size: Optional[int] = None):
-    """-> (logprobs (B,T), entropy (B,T) or None, logits (B,T,V)). Logits are divided by the sampling
-    temperature so recomputed log-probs match the sampler. `vocab_size` slices padded vocabularies."""
+                    vocab_size: Optional[int] = None, chunk_size: int = 0):
+    """-> (logprobs (B,T), entropy (B,T) or None, logits (B,T,V) or None). Logits are divided by the sampling
+    temperature so recomputed log-probs match the sampler. `vocab_size` slices padded vocabularies. With
+    `chunk_size` the output layer runs over that many positions at a time (`rl.chunked_token_logprobs`): the
+    same values and gradients without the full logits, which are then not returned (None)."""
+    if chunk_size:
+        from .rl.chunked import chunked_token_logprobs
+
+        hidden, head = response_hidden(model, batch)
+        logprobs, entropy = chunked_token_logprobs(hidden, head, batch.response_ids, temperature, chunk_size,
+                                                   vocab_size, with_entropy)
+        return logprobs, entropy, None
     logits = response_logits(model, batch)
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
@@ -350,7 +371,7 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
 
 @torch.no_grad()
 def recompute_logprobs(model, batch: RolloutBatch, temperature: float, micro_batch_size: int, autocast=None,
-                       vocab_size: Optional[int] = None) -> Tensor:
+                       vocab_size: Optional[int] = None, chunk_size: int = 0) -> Tensor:
     """Log-probs of the sampled tokens under `model`, in micro-batches, with the training forward."""
     was_training = model.training
     model.eval()
@@ -358,7 +379,7 @@ def recompute_logprobs(model, batch: RolloutBatch, temperature: float, micro_bat
     for start in range(0, len(batch), micro_batch_size):
         mb = batch.index(torch.arange(start, min(start + micro_batch_size, len(batch))))
         with (autocast or contextlib.nullcontext()):
-            lp, _, _ = policy_logprobs(model, mb, temperature, vocab_size=vocab_size)
+            lp, _, _ = policy_logprobs(model, mb, temperature, vocab_size=vocab_size, chunk_size=chunk_size)
         outs.append(lp)
     if was_training:
         model.train()

@@ -170,6 +170,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "log_samples_every": _r(NONNEG, "iterations between logged samples; 0: never"),
         "checkpoint_every": _r(NONNEG, "iterations between checkpoints; 0: only on interruption"),
         "max_nonfinite_steps": _r(COUNT, "NaN/inf updates in a row before the stage stops"),
+        "logits_chunk_size": _r(NONNEG, "positions per chunk of output-layer logits; 0: off (all at once)"),
     },
     PPOConfig: {
         "critic_lr": _r(POSITIVE, "the critic's learning rate"),
@@ -661,6 +662,7 @@ def preflight(recipe: Recipe, stages: Optional[list[str]] = None, force: bool = 
               resume: bool = False) -> list[str]:
     """Run every check; raise RecipeError / DataError / ModelError on the first problem. Returns lines
     describing what was checked (data files and their example counts, resolved models)."""
+    from .hub import check_outputs
     from .runner import prepare_output_dir, validate_data
 
     where = recipe.source or "<recipe>"
@@ -681,6 +683,7 @@ def preflight(recipe: Recipe, stages: Optional[list[str]] = None, force: bool = 
                           teacher=f"the teacher ({src})")
         if depth is not None:
             lines.append(f"distill.teacher_from: {recipe.distill.teacher_from}: {depth} layers ({src})")
+    lines += check_outputs(recipe, stages)  # trackers installed, push_to_hub's repo id and token
     check_output_dir(recipe, force, resume, where)
     if not force:
         prepare_output_dir(recipe, force=False)  # a run of a different recipe or other data: refused, with a diff

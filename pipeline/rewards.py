@@ -162,14 +162,22 @@ def json_container(response: str) -> bool:
 
 
 class WeightedSum:
+    """sum_i w_i * source_i. After each `score`, `last_components` holds every source's own raw score by name
+    (`rm`, `verifier`, `rm_2`, ...), so a run can log them apart: a rising RM score with a flat verifier score
+    is over-optimisation of the reward model."""
+
     def __init__(self, sources: list[tuple[float, Any]], normalize: bool = True):
         self.sources = sources
         self.normalize = normalize
+        self.last_components: dict[str, torch.Tensor] = {}
 
     def score(self, prompts: list, responses: list[str]) -> torch.Tensor:
-        total = None
+        total, self.last_components = None, {}
         for w, src in self.sources:
             s = src.score(prompts, responses)
+            kind = "verifier" if isinstance(src, VerifierReward) else "rm"
+            name = kind if kind not in self.last_components else f"{kind}_{len(self.last_components) + 1}"
+            self.last_components[name] = s.detach().clone()
             if self.normalize and hasattr(src, "normalized"):
                 s = src.normalized(s)
             total = w * s if total is None else total + w * s

@@ -196,7 +196,7 @@ def build_distill_models(recipe: Recipe, cfg: DistillConfig, precision: Precisio
         keep = cfg.student.from_teacher.keep_layers
         calibration = None
         if str(keep).startswith("influence_"):  # Block Influence measured on the first distillation prompts
-            from ..data import load_rows, prompt_examples
+            from .data import load_rows, prompt_examples
 
             rows = prompt_examples(load_rows(cfg.prompts, max_rows=CALIBRATION_PROMPTS), cfg.prompts)
             calibration = encode_prompts(tok, rows, precision.device)

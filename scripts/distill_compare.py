@@ -69,7 +69,8 @@ def run_or_reevaluate(recipe, eval_only: bool) -> tuple[dict, dict]:
         return summary, json.loads((stage_dir / "heldout.json").read_text())
     from pipeline.data import load_rows, prompt_examples
     from pipeline.models import resolve_precision
-    from pipeline.stages.distill import build_models, heldout_eval
+    from pipeline.stages.distill import build_models
+    from pipeline.stages.distill_eval import heldout_eval
     from pipeline.utils import atomic_write_json
 
     summary = json.loads((stage_dir / "summary.json").read_text())

@@ -112,3 +112,19 @@ def test_build_reward_passes_verifier_partial_from_the_recipe():
     strict = build_reward([RewardSourceConfig(kind="verifier")], "reward", recipe)
     assert isinstance(dense, VerifierReward) and dense.partial
     assert isinstance(strict, VerifierReward) and not strict.partial
+
+
+def test_weighted_sum_keeps_each_source_score_apart():
+    class Const:
+        def __init__(self, v):
+            self.v = v
+
+        def score(self, prompts, responses):
+            return torch.full((len(responses),), self.v)
+
+    ws = WeightedSum([(0.5, Const(2.0)), (2.0, Const(-1.0))], normalize=False)
+    total = ws.score(["p", "q"], ["a", "b"])
+    assert torch.allclose(total, torch.tensor([-1.0, -1.0]))  # 0.5 * 2 + 2 * -1
+    assert set(ws.last_components) == {"rm", "rm_2"}
+    assert torch.equal(ws.last_components["rm"], torch.tensor([2.0, 2.0]))
+    assert torch.equal(ws.last_components["rm_2"], torch.tensor([-1.0, -1.0]))

@@ -45,4 +45,5 @@ from pipeline.rl.losses import (
     sampled_rewards,
     value_loss,
 )
+from pipeline.rl.mixture import mixture_beta, mixture_coins
 from pipeline.rl.masks import masked_mean, masked_sum, masked_var, masked_whiten

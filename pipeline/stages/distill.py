@@ -29,13 +29,14 @@ from ..loop import OnPolicyAlgorithm, Process, ddp_prepare, summarise, train
 from ..models import Precision, save_final
 from ..onpolicy import (
     Generation, PromptSampler, RolloutBatch, SamplingSettings, Throughput, Updater, chunk_seed, concat_batches,
-    demonstration_batch, expand_prompts, pass_rate, policy_logprobs, response_logits, sample_rows, unwrap_for_generation
+    demonstration_batch, expand_prompts, pass_rate, policy_logprobs, response_hidden, response_logits, sample_rows,
+    unwrap_for_generation,
 )
 from ..preflight import check_distill_config as check_config
 from ..rlmodels import DistillModels
 from ..rlmodels import build_distill_models as build_models
 from ..rl import (
-    distill_loss, sampled_rewards, student_state_figures, logprobs_from_logits,
+    chunked_divergence, distill_loss, masked_sum, mixture_beta, mixture_coins, sampled_rewards, student_state_figures, logprobs_from_logits,
     masked_mean, policy_loss
 )
 from ..utils import MetricsLogger, atomic_write_json, log
@@ -44,13 +45,8 @@ Tensor = torch.Tensor
 
 
 def beta_at(cfg: DistillConfig, i: int) -> float:
-    """beta_i for iteration i = 0, 1, ...: the probability that a sequence is sampled by the teacher."""
-    if cfg.beta_schedule == "linear":
-        frac = i / max(cfg.iterations - 1, 1)
-        return cfg.beta + (cfg.beta_end - cfg.beta) * frac
-    if cfg.beta_schedule == "exponential":
-        return cfg.beta * cfg.beta_decay ** i
-    return cfg.beta
+    """beta_i for mixture iteration i = 0, 1, ...: the probability that a sequence is sampled by the teacher."""
+    return mixture_beta(cfg.beta_schedule, cfg.beta, cfg.beta_end, cfg.beta_decay, i, cfg.iterations)
 
 
 def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision,
@@ -61,6 +57,8 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
     V = models.vocab_size
 
     def full_loss(mb: RolloutBatch, n_tokens: float):
+        if cfg.logits_chunk_size:
+            return chunked_full_loss(mb, n_tokens)
         with precision.autocast_ctx():
             logits = response_logits(models.student, mb)[..., :V]
         loss, per_token = distill_loss(logits, mb.teacher_logits[..., :V], mb.response_mask, cfg.divergence,
@@ -69,9 +67,25 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
             recorder.record(mb.rows, logits.detach(), mb.teacher_logits[..., :V])
         return loss, {"divergence": masked_mean(per_token.detach(), mb.response_mask)}
 
+    def chunked_full_loss(mb: RolloutBatch, n_tokens: float):
+        """The same loss from the student's hidden states, its logits made `logits_chunk_size` positions at a time."""
+        with precision.autocast_ctx():
+            hidden, head = response_hidden(models.student, mb)
+            per_token = chunked_divergence(hidden, head, mb.teacher_logits, None, cfg.divergence, cfg.temperature,
+                                           cfg.logits_chunk_size, V, cfg.jsd_beta)
+            if recorder is not None:
+                rows = max(1, cfg.logits_chunk_size // max(hidden.shape[1], 1))  # whole rows, about a chunk's positions
+                with torch.no_grad():
+                    for s in range(0, hidden.shape[0], rows):
+                        recorder.record(mb.rows[s:s + rows], head(hidden[s:s + rows].detach())[..., :V],
+                                        mb.teacher_logits[s:s + rows, :, :V])
+        loss = masked_sum(per_token, mb.response_mask.bool()) / n_tokens
+        return loss, {"divergence": masked_mean(per_token.detach(), mb.response_mask)}
+
     def sampled_loss(mb: RolloutBatch, n_tokens: float):
         with precision.autocast_ctx():
-            logprobs, _, _ = policy_logprobs(models.student, mb, cfg.temperature, vocab_size=V)
+            logprobs, _, _ = policy_logprobs(models.student, mb, cfg.temperature, vocab_size=V,
+                                             chunk_size=cfg.logits_chunk_size)
         # Clipped ratio pi_s / pi_behaviour: on teacher rows the behaviour is the teacher (the mixture).
         return policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_coef, n_tokens)
 
@@ -156,28 +170,19 @@ def state_stats(batch: RolloutBatch, reverse_kl: Tensor, forward_kl: Tensor, ent
     return stats, row_kl
 
 
-def mixture_coins(n: int, beta: float, generator: torch.Generator) -> Tensor:
-    """One seeded coin per sequence of the global batch: True = sampled wholly by the teacher."""
-    return torch.rand(n, generator=generator) < beta
-
-
 @torch.no_grad()
 def make_rollout(models: DistillModels, examples: list, cfg: DistillConfig, beta: float, precision: Precision,
                  timer: Throughput, generator: torch.Generator, generation: Optional[Generation] = None,
                  from_teacher: Optional[Tensor] = None, student_pass: bool = True) -> tuple[RolloutBatch, dict]:
     """Sample from the per-sequence mixture and label the visited states. -> (batch, {"stats", "texts",
-    "row_reverse_kl"}). `from_teacher`: this process's coins (drawn from `generator` for `examples` when
-    omitted); `generation`: engine, chunks and seeds (default: HF `generate`, all rows at once, global RNG
-    stream). `student_pass=False` (full estimator only): no no-grad student forward; the batch then has no
-    behaviour log-probs (the full loss needs none) and the student's KLs / entropy are left to the update's
-    forward (`StateStats`), so the stats lack them and "row_reverse_kl" is missing."""
+    "row_reverse_kl"}). `from_teacher`: this process's coins (else drawn from `generator`). `student_pass=False`
+    (full estimator only): no no-grad student forward, so no behaviour log-probs (the full loss needs none) and
+    the student's KLs / entropy come from the update's forward (`StateStats`)."""
     if not student_pass and cfg.estimator != "full":
         raise ValueError("the sampled estimator needs the student's behaviour log-probs (student_pass=True)")
-    tok, device = models.tokenizer, next(models.student.parameters()).device
-    gen = generation or Generation()
+    tok, device, gen, parts = models.tokenizer, next(models.student.parameters()).device, generation or Generation(), []
     coins = (mixture_coins(len(examples), beta, generator) if from_teacher is None else from_teacher).tolist()
-    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature)
-    parts = []
+    settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     with timer.time("generate"):
         for start, end, seed in gen.chunks(len(examples)):
             for flag, model in ((True, models.teacher), (False, models.student)):
@@ -204,12 +209,9 @@ def make_rollout(models: DistillModels, examples: list, cfg: DistillConfig, beta
         batch.rewards = sampled_rewards(labels.student_logprobs, labels.teacher_logprobs, mask)
         batch.advantages = batch.rewards
     texts = tok.batch_decode([ids[m].tolist() for ids, m in zip(batch.response_ids, mask)], skip_special_tokens=True)
-    stats = {
-        "distill/beta": beta,
-        "distill/teacher_share": float(batch.from_teacher.float().mean()),
-        "distill/response_length": float(mask.sum(-1).float().mean()),
-        "distill/eos_share": float(batch.ended.float().mean()),
-    }
+    stats = {"distill/beta": beta, "distill/teacher_share": float(batch.from_teacher.float().mean()),
+             "distill/response_length": float(mask.sum(-1).float().mean()),
+             "distill/eos_share": float(batch.ended.float().mean())}
     info: dict[str, Any] = {"texts": texts}
     if student_pass:
         # Exact per-token KLs to the teacher (temperature 1), on the student's own samples and on the teacher's.

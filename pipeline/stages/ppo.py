@@ -69,9 +69,10 @@ def make_rollout(models: PPOModels, reward, examples: list, cfg: PPOConfig, kl_c
     batch.group = group.to(batch.response_ids.device)
     mb = cfg.micro_batch_size
     with timer.time("score"):
-        batch.logprobs = recompute_logprobs(models.policy, batch, cfg.temperature, mb, ac())
+        chunk = cfg.logits_chunk_size
+        batch.logprobs = recompute_logprobs(models.policy, batch, cfg.temperature, mb, ac(), chunk_size=chunk)
         with models.reference_ctx():
-            batch.ref_logprobs = recompute_logprobs(models.ref_model, batch, cfg.temperature, mb, ac())
+            batch.ref_logprobs = recompute_logprobs(models.ref_model, batch, cfg.temperature, mb, ac(), chunk_size=chunk)
         if models.critic is not None:
             batch.values = recompute_values(models.critic, batch, mb, ac())
         texts = tok.batch_decode([ids[m].tolist() for ids, m in zip(batch.response_ids, batch.response_mask)],
@@ -147,15 +148,16 @@ def make_loss_fn(models: PPOModels, cfg: PPOConfig, kl_ctl, precision: Precision
         mask, stats = mb.response_mask, {}
         loss = torch.zeros((), device=mask.device)
         if train_policy:
-            with precision.autocast_ctx():
+            with precision.autocast_ctx():  # chunked: the entropy comes with the log-probs (no logits to reuse)
                 logprobs, entropy, logits = policy_logprobs(models.policy, mb, cfg.temperature,
-                                                            with_entropy=cfg.ent_coef > 0)
+                                                            cfg.ent_coef > 0 or bool(cfg.logits_chunk_size),
+                                                            chunk_size=cfg.logits_chunk_size)
             loss, stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, cfg.clip_coef, n_tokens)
             stats["pg_loss"] = loss.detach() * n_tokens / max(mb.n_tokens, 1)  # per-token mean, as value_loss
             if entropy is None:
                 with torch.no_grad():
                     entropy = entropy_from_logits(logits.detach(), cfg.temperature)
-            else:
+            elif cfg.ent_coef > 0:
                 loss = loss - cfg.ent_coef * entropy_bonus(entropy, mask, n_tokens)
             stats["entropy"] = masked_mean(entropy.detach(), mask)
             if cfg.kl_in == "loss":

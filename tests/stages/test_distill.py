@@ -628,3 +628,16 @@ def test_heldout_batch_size_leaves_the_greedy_figures_unchanged():
     assert out[1]["reverse_kl_per_token"] != out[0]["reverse_kl_per_token"]
     with pytest.raises(RecipeError, match="heldout_batch_size"):
         check_config(cfg_for(heldout_batch_size=0), "r.yaml")
+
+
+def test_build_models_cuts_an_influence_student_scored_on_the_stage_prompts(tmp_path):
+    """`keep_layers: influence_K` scores the teacher's layers on the distillation prompts (read from the recipe's
+    prompt file) and keeps the K most influential."""
+    from pipeline.stages import distill
+
+    tok = build_tiny_tokenizer()
+    build_tiny_model(tok, n_layers=4).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    recipe = _recipe(tmp_path, tmp_path / "teacher", student={"from_teacher": {"keep_layers": "influence_2"}})
+    models = distill.build_models(recipe, recipe.distill, PREC)
+    assert len(models.kept_layers) == 2 and models.student.config.num_hidden_layers == 2

@@ -224,3 +224,53 @@ def test_explained_variance_against_a_hand_computation():
     mask = torch.tensor([[True, True, True, False]])
     ev = explained_variance(torch.tensor([[1.5, 2.0, 2.5, 9.0]]), torch.tensor([[1.0, 2.0, 3.0, -9.0]]), mask)
     assert ev.item() == pytest.approx(0.75, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# logits_chunk_size: the stages' losses without the full logits
+# --------------------------------------------------------------------------------------------
+
+
+def _grads(model):
+    return [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("chunk", [5, 1000])
+def test_ppo_loss_and_gradient_are_the_same_with_chunked_logits(chunk):
+    torch.manual_seed(0)
+    models = tiny_models("rloo")
+    algo = PPO(models, CountToken(), PROMPTS, ppo_cfg(advantage="rloo"), PREC)
+    torch.manual_seed(1)
+    batch, _ = algo.collect(1, False, loop.Generation(), loop.Throughput())
+    out = {}
+    for c in (0, chunk):
+        cfg = ppo_cfg(advantage="rloo", logits_chunk_size=c, ent_coef=0.01)
+        models.policy.zero_grad(set_to_none=True)
+        loss, stats = make_loss_fn(models, cfg, algo.kl_ctl, PREC)(batch, float(batch.n_tokens))
+        loss.backward()
+        out[c] = (loss.detach(), stats["entropy"], _grads(models.policy))
+    assert torch.allclose(out[0][0], out[chunk][0], atol=1e-6)
+    assert torch.allclose(out[0][1], out[chunk][1], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out[0][2], out[chunk][2]))
+    assert len(out[0][2]) == len(out[chunk][2]) > 0
+
+
+def test_distill_full_loss_gradient_and_recorded_kls_are_the_same_with_chunked_logits():
+    from pipeline.stages.distill import StateStats, make_loss_fn as distill_loss_fn, make_rollout
+
+    algo, student = distill_algo()
+    torch.manual_seed(2)
+    batch, _ = make_rollout(algo.models, PROMPTS[:6], algo.cfg, 0.5, PREC, loop.Throughput(),
+                            torch.Generator().manual_seed(0), student_pass=False)
+    out = {}
+    for c in (0, 7):
+        cfg = copy.copy(algo.cfg)
+        cfg.logits_chunk_size = c
+        recorder = StateStats(batch)
+        student.zero_grad(set_to_none=True)
+        loss, _ = distill_loss_fn(algo.models, cfg, PREC, recorder)(batch, float(batch.n_tokens))
+        loss.backward()
+        out[c] = (loss.detach(), _grads(student), recorder.reverse_kl, recorder.entropy)
+    assert torch.allclose(out[0][0], out[7][0], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out[0][1], out[7][1]))
+    assert torch.allclose(out[0][2], out[7][2], atol=1e-5) and torch.allclose(out[0][3], out[7][3], atol=1e-5)
