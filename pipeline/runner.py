@@ -221,7 +221,8 @@ def prepare_output_dir(recipe: Recipe, force: bool = False) -> list[str]:
     old, new = resolved.read_text(encoding="utf-8"), dump_recipe(recipe)
     from .hub import only_outputs_changed
 
-    if old != new and only_outputs_changed(old, recipe):  # trackers, uploads, checkpoint keeping: no rerun
+    if old != new and (only_outputs_changed(old, recipe)  # trackers, uploads, checkpoint keeping: no rerun
+                       or only_new_defaults(old, new)):  # a newer version's keys, at their defaults
         old = new
     data_stages, lines = changed_inputs(recipe)
     if old == new and not data_stages:
@@ -239,6 +240,19 @@ def prepare_output_dir(recipe: Recipe, force: bool = False) -> list[str]:
     rerun = list(recipe.stages[min(map(recipe.stages.index, changed)):]) if changed else []
     log(f"--force: {'recipe' if old != new else 'data'} changed; rerunning {', '.join(rerun) or 'no stage'}:\n{what}")
     return rerun
+
+
+def only_new_defaults(old: str, new: str) -> bool:
+    """Whether the resolved recipe `old` (written by an earlier version) differs from `new` only by keys that
+    version did not have, at their default values: read with today's parser, it resolves to `new`."""
+    import yaml
+
+    from .config import RecipeError, parse_recipe
+
+    try:
+        return dump_recipe(parse_recipe(yaml.safe_load(old))) == new
+    except (RecipeError, ValueError, yaml.YAMLError):  # e.g. a key renamed since: a real change
+        return False
 
 
 def invalidate_stage(recipe: Recipe, stage: str) -> None:

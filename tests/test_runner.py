@@ -135,3 +135,20 @@ def test_resume_insists_on_a_run_to_resume(tmp_path, monkeypatch, capsys):
     assert main(["run", _cli_recipe(tmp_path)]) == 2  # a run that stopped mid-stage
     ran = _fake_stage(monkeypatch)
     assert main(["run", _cli_recipe(tmp_path), "--resume"]) == 0 and ran == [1e-4]
+
+
+def test_a_run_written_before_a_new_key_existed_is_the_same_recipe(tmp_path):
+    """An upgrade that adds a setting (here `ppo.logits_chunk_size`) at its default does not turn an existing run
+    into "a different recipe"; a changed value still does."""
+    recipe = _recipe(tmp_path)
+    write_run_info(recipe)
+    (recipe.output_dir / "sft").mkdir()
+    (recipe.output_dir / "sft" / "metrics.jsonl").write_text('{"step": 1}\n')
+    resolved = recipe.output_dir / "recipe.resolved.yaml"
+    text = resolved.read_text()
+    assert "  logits_chunk_size: 0\n" in text
+    resolved.write_text(text.replace("  logits_chunk_size: 0\n", ""))  # as an older version wrote it
+    assert prepare_output_dir(recipe) == []
+    resolved.write_text(text.replace("  logits_chunk_size: 0\n", "  logits_chunk_size: 64\n"))
+    with pytest.raises(RecipeError, match="different recipe"):
+        prepare_output_dir(recipe)
