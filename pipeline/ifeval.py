@@ -414,7 +414,6 @@ def evaluate_only(recipe, out_dir: Path) -> dict:
     writes `results.json`, `samples.jsonl` and `metrics.jsonl` like `stages.eval.evaluate`."""
     from .models import resolve_precision
     from .stages.eval import _unique, model_name
-    from .utils import MetricsLogger, atomic_write_json, atomic_write_text
 
     cfg = recipe.eval
     out_dir = Path(out_dir)
@@ -434,10 +433,7 @@ def evaluate_only(recipe, out_dir: Path) -> dict:
     results["generation"]["max_new_tokens"] = results["sets"][SET_NAME]["generation"]["max_gen_toks"]
     results["seconds"] = results["sets"][SET_NAME]["seconds"]
     results["seconds_total"] = round(time.time() - t0, 1)
-    atomic_write_json(out_dir / "results.json", results)
-    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = MetricsLogger(out_dir, tensorboard=False)
-    metrics.log(0, flat)
-    metrics.close()
+    from .stages.eval import write_outputs
+
+    write_outputs(out_dir, results, samples, flat)
     return results

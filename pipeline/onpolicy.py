@@ -373,14 +373,20 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
 def recompute_logprobs(model, batch: RolloutBatch, temperature: float, micro_batch_size: int, autocast=None,
                        vocab_size: Optional[int] = None, chunk_size: int = 0) -> Tensor:
     """Log-probs of the sampled tokens under `model`, in micro-batches, with the training forward."""
+    return in_micro_batches(model, batch, micro_batch_size, autocast, lambda mb: policy_logprobs(
+        model, mb, temperature, vocab_size=vocab_size, chunk_size=chunk_size)[0])
+
+
+@torch.no_grad()
+def in_micro_batches(model, batch: RolloutBatch, micro_batch_size: int, autocast, fn: Callable) -> Tensor:
+    """`fn(micro_batch)` over the batch in micro-batches, `model` in eval mode (restored after), concatenated."""
     was_training = model.training
     model.eval()
     outs = []
     for start in range(0, len(batch), micro_batch_size):
         mb = batch.index(torch.arange(start, min(start + micro_batch_size, len(batch))))
         with (autocast or contextlib.nullcontext()):
-            lp, _, _ = policy_logprobs(model, mb, temperature, vocab_size=vocab_size, chunk_size=chunk_size)
-        outs.append(lp)
+            outs.append(fn(mb))
     if was_training:
         model.train()
     return torch.cat(outs)

@@ -392,15 +392,19 @@ def check_rules(recipe: Recipe, stages: list[str], where: str) -> None:
                 f"{where}: `ppo.advantage: rloo` baselines each sample by the other samples of its prompt, so it needs "
                 f"`ppo.samples_per_prompt` >= 2 (got {cfg.samples_per_prompt}); e.g. samples_per_prompt: 4, or "
                 "`advantage: reinforce` (batch-mean baseline) for one sample per prompt.")
+        if cfg.critic_warmup and cfg.advantage != "gae":
+            raise RecipeError(
+                f"{where}: `ppo.critic_warmup: {cfg.critic_warmup}` trains the critic before the policy moves, but "
+                f"`ppo.advantage: {cfg.advantage}` has no critic; use `advantage: gae` or drop `critic_warmup`.")
     if "distill" in stages:
         check_distill_config(recipe.distill, where)
     if "eval" in stages:
         cfg = recipe.eval
         if not cfg.models:
             raise RecipeError(f"{where}: `eval.models` is empty; list the models to evaluate, e.g. [base, sft].")
-        if not cfg.prompts:
+        if not cfg.prompts and not cfg.ifeval:
             raise RecipeError(f"{where}: `eval.prompts` is empty; give held-out prompt files, e.g. "
-                              "[eval/constraints/heldout.jsonl].")
+                              "[eval/constraints/heldout.jsonl], or set `eval.ifeval: true`.")
         if cfg.baseline and not cfg.reward_from:
             raise RecipeError(f"{where}: `eval.baseline: {cfg.baseline}` sets the model win rates are measured "
                               "against, and win rates need reward-model scores: set `eval.reward_from` (e.g. `reward`) "

@@ -22,7 +22,7 @@ from .models import (
     Precision, check_same_tokenizer, choose_layers, load_causal_lm, load_policy, load_tokenizer, peft_lora_config,
     resolve_model_path, student_from_teacher,
 )
-from .onpolicy import RolloutBatch, encode_prompts, model_inputs, unwrap_for_generation
+from .onpolicy import RolloutBatch, encode_prompts, in_micro_batches, model_inputs, unwrap_for_generation
 from .utils import log
 
 Tensor = torch.Tensor
@@ -77,18 +77,9 @@ def unwrap(model):
     return model
 
 
-@torch.no_grad()
 def recompute_values(critic, batch: RolloutBatch, micro_batch_size: int, autocast=None) -> Tensor:
-    was_training = critic.training
-    critic.eval()
-    outs = []
-    for start in range(0, len(batch), micro_batch_size):
-        mb = batch.index(torch.arange(start, min(start + micro_batch_size, len(batch))))
-        with (autocast or contextlib.nullcontext()):
-            outs.append(critic_values(critic, mb))
-    if was_training:
-        critic.train()
-    return torch.cat(outs)
+    """V(s_t) at every response position under `critic`, in micro-batches, without gradients. (B, T)."""
+    return in_micro_batches(critic, batch, micro_batch_size, autocast, lambda mb: critic_values(critic, mb))
 
 
 # --------------------------------------------------------------------------------------------

@@ -136,6 +136,7 @@ def test_out_of_range_values_are_refused(env, capsys, override, key, rule):
     (["model.dtype=bf61"], ["`model.dtype`", "bfloat16"]),
     (["sft.lr_scheduler=cosin"], ["`sft.lr_scheduler`", "Did you mean `cosine`"]),
     (["eval.prompts=[]"], ["`eval.prompts` is empty"]),
+    (["ppo.critic_warmup=2", "ppo.advantage=reinforce"], ["`ppo.critic_warmup: 2`", "has no critic"]),
 ])
 def test_rules_across_fields(env, capsys, overrides, expect):
     refused(capsys, env(), *overrides, expect=expect)

@@ -430,6 +430,17 @@ def sample_rows(ps: PromptSet, run: ModelRun, checks: list[Optional[list[dict]]]
     return rows
 
 
+def write_outputs(out_dir: Path, results: dict, samples: list[dict], flat: dict) -> None:
+    """results.json, samples.jsonl and metrics.jsonl of an evaluation (each written whole, atomically)."""
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    # One measurement, like results.json: a rerun replaces the row instead of appending a second one.
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    metrics = MetricsLogger(out_dir, tensorboard=False)
+    metrics.log(0, flat)
+    metrics.close()
+
+
 def evaluate(recipe: Recipe, out_dir: Path) -> dict:
     """Run steps 1-4 for `recipe.eval` and write results.json, samples.jsonl and metrics.jsonl."""
     cfg: EvalConfig = recipe.eval
@@ -520,13 +531,7 @@ def evaluate(recipe: Recipe, out_dir: Path) -> dict:
         from ..ifeval import add_to_results
 
         samples += add_to_results(results, flat, recipe, [(r.name, r.path) for r in listed], precision)
-    atomic_write_json(out_dir / "results.json", results)
-    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    # One measurement, like results.json: a rerun replaces the row instead of appending a second one.
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = MetricsLogger(out_dir, tensorboard=False)
-    metrics.log(0, flat)
-    metrics.close()
+    write_outputs(out_dir, results, samples, flat)
     for n in notes:
         log(f"eval: note: {n}")
     return results
