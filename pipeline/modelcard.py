@@ -186,8 +186,10 @@ def _load_snippets(recipe: Recipe, stage: str, lin: Lineage, adapter: bool, wher
                      ".logits[0, 0]\n# reward_norm.json holds the mean/std of the scores of policy samples\n")
         else:
             code += ('messages = [{"role": "user", "content": "Write a haiku about the sea."}]\n'
-                     "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')\n"
-                     "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:]))\n")
+                     "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
+                     "return_tensors='pt')\n"
+                     "out = model.generate(**inputs, max_new_tokens=64)\n"
+                     "print(tokenizer.decode(out[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))\n")
         return f"```python\n{code}```"
     auto_peft = "AutoPeftModelForSequenceClassification" if seq_cls else "AutoPeftModelForCausalLM"
     kw = ", num_labels=1" if seq_cls else ""
