@@ -24,6 +24,9 @@ for v in "$@"; do
     gae_warm_clr) run gae_warm_clr ppo.critic_warmup=3 ppo.iterations=9 ppo.critic_lr=1e-3 ;;
     gae_warm_clr_l1) run gae_warm_clr_l1 ppo.critic_warmup=3 ppo.iterations=9 ppo.critic_lr=1e-3 ppo.gae_lambda=1.0 ;;
     gae_warm_clr_pol) run gae_warm_clr_pol ppo.critic_warmup=3 ppo.iterations=9 ppo.critic_lr=1e-3 ppo.critic_from=policy ;;
-    *) echo "unknown variant $v (gae_today gae_sep gae_sep_warm gae_warm_clr gae_warm_clr_l1 gae_warm_clr_pol)" ;;
+    gae_best_long) run gae_best_long ppo.critic_warmup=3 ppo.iterations=24 ppo.critic_lr=1e-3 ppo.critic_from=policy ;;
+    gae_best_rscale) run gae_best_rscale ppo.critic_warmup=3 ppo.iterations=9 ppo.critic_lr=1e-3 ppo.critic_from=policy \
+      "ppo.rewards=[{kind: rm, source: reward, weight: 0.5}, {kind: verifier, weight: 0.5, partial: true}]" ;;
+    *) echo "unknown variant $v (gae_today gae_sep gae_sep_warm gae_warm_clr gae_warm_clr_l1 gae_warm_clr_pol gae_best_long gae_best_rscale)" ;;
   esac
 done
