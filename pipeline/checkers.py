@@ -20,9 +20,13 @@ What this module adds around the harness:
   without its last line, without both, and each with every ``*`` removed; any passing variant counts).
   Like the harness, a blank response follows no instruction.
 * ``describe``: a short description, for error messages of the data script.
-* Fixers (``apply_constraint`` / ``apply_constraints``, data generation only): turn plain text into
-  text that satisfies one of the eight instruction ids the built-in task trains on. They never use
-  evaluation prompts, and their output is judged by the harness like everything else.
+* Fixers (``apply_constraint`` / ``apply_constraints``, data generation only): turn a plain English answer
+  into text that satisfies the instructions, for 24 of the 25 ids (``FIXABLE_IDS``; not
+  ``language:response_language``). They edit the answer (a title line, a postscript, sections, paragraphs,
+  highlights, placeholders, trimmed or added sentences, a JSON object, two responses ...), add no filler to
+  reach an "at least" length, never use evaluation prompts, and their output is judged by the harness like
+  everything else. ``INCOMPATIBLE_PAIRS`` / ``compatible`` name the combinations not to ask for together
+  (the registry's ``INSTRUCTION_CONFLICTS`` plus what the fixers cannot combine).
 
 Known gameability (the harness's verdict, kept as is for scoring): ``detectable_format:json_format``
 passes any text that parses as JSON, so a whole answer wrapped in double quotes passes it (a JSON
@@ -32,7 +36,9 @@ string). ``pipeline.rewards.VerifierReward`` can refuse that for training only (
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import difflib
+import json
 import random
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,12 +47,14 @@ from typing import Any
 __all__ = [
     "FIXABLE_IDS",
     "FIX_ORDER",
+    "INCOMPATIBLE_PAIRS",
     "SUPPORTED_IDS",
     "UnknownInstructionError",
     "apply_constraint",
     "apply_constraints",
     "check_instruction",
     "check_record",
+    "compatible",
     "describe",
     "validate_record",
 ]
@@ -412,6 +420,11 @@ def _join_words(words: Sequence[str]) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1]
 
 
+# What a fixer may know besides its own kwargs (set by apply_constraint/apply_constraints): the caller's
+# ``topic`` and the ``ids`` of the whole record, so a fixer can keep what another instruction needs.
+_FIX_CONTEXT: contextvars.ContextVar[dict] = contextvars.ContextVar("fix_context", default={})
+
+
 def _fix_lowercase(text: str, kw: dict) -> str:
     return text.lower()
 
@@ -524,6 +537,441 @@ def _fix_quotation(text: str, kw: dict) -> str:
     return f"{opening}{body}\""
 
 
+# ----- fixers for the other ids (data generation only; every output is judged by the harness)
+
+TITLE = "detectable_format:title"
+POSTSCRIPT = "detectable_content:postscript"
+PLACEHOLDERS = "detectable_content:number_placeholders"
+HIGHLIGHTS = "detectable_format:number_highlighted_sections"
+SECTIONS = "detectable_format:multiple_sections"
+PARAGRAPHS = "length_constraints:number_paragraphs"
+NTH_PARAGRAPH = "length_constraints:nth_paragraph_first_word"
+SENTENCES = "length_constraints:number_sentences"
+LETTERS = "keywords:letter_frequency"
+CAPITAL_WORDS = "change_case:capital_word_frequency"
+FREQUENCY = "keywords:frequency"
+FORBIDDEN = "keywords:forbidden_words"
+JSON_FORMAT = "detectable_format:json_format"
+CONSTRAINED = "detectable_format:constrained_response"
+TWO_RESPONSES = "combination:two_responses"
+REPEAT_PROMPT = "combination:repeat_prompt"
+LANGUAGE = "language:response_language"
+
+_STOPWORDS = frozenset(
+    "a an the and or but of in on at to for from with by as is are was were be been being it its this that "
+    "these those they them their there here have has had do does did not no so if than then very can could "
+    "will would should may might also about into over under more most many much some such other each every "
+    "one two all any you your we our he she his her i my me what which who when where why how just only "
+    "often always while because during between through after before".split())
+_PARAGRAPH_DIVIDER = "\n\n***\n\n"
+_DISCOURSE_WORDS = frozenset(
+    "however moreover furthermore also additionally finally first firstly second secondly third lastly then "
+    "therefore thus so still yet indeed overall meanwhile besides instead today now and but next later "
+    "similarly likewise consequently hence nevertheless nonetheless otherwise sometimes usually often "
+    "surprisingly interestingly importantly ultimately generally basically honestly".split())
+
+
+def _pick(options: Sequence[str], seed_text: str) -> str:
+    """A deterministic choice (the data script must stay reproducible), varied with the text."""
+    return options[sum(map(ord, seed_text)) % len(options)]
+
+
+def _cap_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_SPLIT.split(text.strip()) if s.strip()]
+
+
+def _count_sentences(text: str) -> int:
+    from .ifeval import harness
+
+    return harness().instructions_util.count_sentences(text)
+
+
+def _count_capital_words(text: str) -> int:
+    from .ifeval import harness
+
+    return sum(1 for w in harness().instructions_util.nltk.word_tokenize(text) if w.isupper())
+
+
+def _count_regex(pattern: str, text: str) -> int:
+    return len(re.findall(pattern, text, flags=re.IGNORECASE))
+
+
+def _topic_words(text: str, kw: dict) -> str:
+    """A short title-like name for what the text is about: the caller's topic when given, else the text's
+    most frequent content word (ties: the earliest)."""
+    topic = (_FIX_CONTEXT.get().get("topic") or "").strip()
+    if topic:
+        return " ".join(w if w.isupper() else _cap_first(w) for w in topic.split())
+    words = [w for w in re.findall(r"[A-Za-z][A-Za-z'-]+", text) if len(w) > 3 and w.lower() not in _STOPWORDS]
+    if not words:
+        return "A Short Answer"
+    counts: dict[str, int] = {}
+    for w in words:
+        counts[w.lower()] = counts.get(w.lower(), 0) + 1
+    best = max(counts, key=lambda w: (counts[w], -[x.lower() for x in words].index(w)))
+    return _cap_first(best)
+
+
+def _units(text: str) -> list[str]:
+    """Text broken into re-flowable units: a bullet line is one unit, other lines are split into sentences.
+    Paragraph dividers (``***``) and section headers are dropped (the structure fixers rebuild them)."""
+    units: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or re.fullmatch(r"\*{3,}", stripped):
+            continue
+        if _is_bullet_line(line):
+            units.append(stripped)
+        else:
+            units.extend(_sentences(stripped))
+    return units
+
+
+def _groups(units: list[str], n: int) -> list[list[str]]:
+    """``units`` in ``n`` balanced consecutive groups; the longest non-bullet unit is split at its middle
+    word while there are fewer units than groups."""
+    units = list(units)
+    if not units:
+        raise ValueError(f"cannot make {n} parts from empty text")
+    while len(units) < n:
+        splittable = [j for j in range(len(units)) if not _is_bullet_line(units[j]) and len(units[j].split()) > 1]
+        if not splittable:
+            raise ValueError(f"text has too few words for {n} parts")
+        i = max(splittable, key=lambda j: len(units[j].split()))
+        parts = units[i].split()
+        half = len(parts) // 2
+        units[i: i + 1] = [" ".join(parts[:half]), " ".join(parts[half:])]
+    q, r = divmod(len(units), n)
+    groups, start = [], 0
+    for b in range(n):
+        size = q + (1 if b < r else 0)
+        groups.append(units[start: start + size])
+        start += size
+    return groups
+
+
+def _render(group: list[str]) -> str:
+    """Join units: a bullet line keeps a line of its own, sentences run on."""
+    out = ""
+    for unit in group:
+        if not out:
+            out = unit
+        elif _is_bullet_line(unit) or _is_bullet_line(out.rsplit("\n", 1)[-1]):
+            out += "\n" + unit
+        else:
+            out += " " + unit
+    return out
+
+
+def _fix_title(text: str, kw: dict) -> str:
+    if check_instruction(TITLE, text, {}):
+        return text
+    # One newline, not a blank line: the title does not count as a paragraph of its own.
+    return f"<<{_topic_words(text, kw)}>>\n{text.strip()}"
+
+
+_POSTSCRIPTS = (
+    "Thanks for reading.",
+    "I hope this was helpful.",
+    "There is always more to learn about this.",
+    "Let me know if you would like more detail.",
+)
+
+
+def _fix_postscript(text: str, kw: dict) -> str:
+    if check_instruction(POSTSCRIPT, text, {"postscript_marker": kw["postscript_marker"]}):
+        return text
+    body = text.rstrip()
+    # A text in \n\n paragraphs (or one that must keep its \n\n paragraph count) gets its postscript on a
+    # line of its own inside the last paragraph, so the paragraph count does not change.
+    sep = "\n" if "\n\n" in body or NTH_PARAGRAPH in _FIX_CONTEXT.get().get("ids", ()) else "\n\n"
+    return f"{body}{sep}{kw['postscript_marker'].strip()} {_pick(_POSTSCRIPTS, body)}"
+
+
+_PLACEHOLDER_PARTS = (
+    "You can reach [name]", " at [email]", " or visit [address]", " on [date]", " at [time]",
+    " and ask for [contact person]", " about [subject]", " with [reference number]",
+)
+
+
+def _fix_placeholders(text: str, kw: dict) -> str:
+    n = kw["num_placeholders"]
+    have = len(re.findall(r"\[.*?\]", text))
+    if have >= n:
+        return text
+    need = n - have
+    parts = list(_PLACEHOLDER_PARTS[:need])
+    parts += [f" and [detail {k}]" for k in range(len(parts) + 1, need + 1)]
+    return _append_sentence(text, "".join(parts) + " for more.")
+
+
+def _fix_highlights(text: str, kw: dict) -> str:
+    n = kw["num_highlights"]
+    if check_instruction(HIGHLIGHTS, text, kw):
+        return text
+    lines = text.split("\n")
+    # Candidate spans: the last words (up to three) of each sentence, never at a line start and never
+    # across a '*' or a bracket; long sentences also offer a span in their middle.
+    spans: list[tuple[int, int, int]] = []  # (line, start, end)
+    for li, line in enumerate(lines):
+        lead = len(line) - len(_LIST_MARKER.sub("", line)) if _is_bullet_line(line) else 0
+        for m in re.finditer(r"[^.!?]+[.!?]*", line[lead:]):
+            seg_start = lead + m.start()
+            words = list(re.finditer(r"[A-Za-z0-9][\w'-]*", line[seg_start: lead + m.end()]))
+            if len(words) < 2 or "*" in m.group(0) or "[" in m.group(0):
+                continue
+            k = min(3, len(words) - 1)
+            while k > 1 and words[-k].group(0).lower() in _STOPWORDS:  # "*feed wetlands*", not "*and feed ...*"
+                k -= 1
+            spans.append((li, seg_start + words[-k].start(), seg_start + words[-1].end()))
+            if len(words) >= 9:
+                mid = len(words) // 2
+                spans.append((li, seg_start + words[mid - 3].start(), seg_start + words[mid - 1].end()))
+    if len(spans) < n:
+        raise ValueError(f"text has too few phrases for {n} highlighted sections")
+    # Spread the highlights over the text.
+    chosen = sorted({spans[round(j * (len(spans) - 1) / max(n - 1, 1))] for j in range(n)})
+    if len(chosen) < n:
+        chosen = sorted(spans[:n])
+    for li, start, end in sorted(chosen, reverse=True):
+        line = lines[li]
+        lines[li] = f"{line[:start]}*{line[start:end]}*{line[end:]}"
+    return "\n".join(lines)
+
+
+def _fix_sections(text: str, kw: dict) -> str:
+    n, spliter = kw["num_sections"], kw["section_spliter"].strip()
+    groups = _groups(_units(text), n)
+    return "\n\n".join(f"{spliter} {k}\n{_render(g)}" for k, g in enumerate(groups, start=1))
+
+
+def _fix_paragraphs(text: str, kw: dict) -> str:
+    if check_instruction(PARAGRAPHS, text, kw):
+        return text
+    return _PARAGRAPH_DIVIDER.join(_render(g) for g in _groups(_units(text), kw["num_paragraphs"]))
+
+
+_FIRST_WORD_LEADS = ("{w} belongs here too.", "{w} comes to mind here.", "{w} is part of this as well.")
+
+
+def _start_with(paragraph: str, word: str) -> str:
+    if re.match(rf"['\"]*{re.escape(word)}(?:[\s.,?!'\"]|$)", paragraph, flags=re.IGNORECASE):
+        return paragraph
+    w = _cap_first(word)
+    if word.lower() in _DISCOURSE_WORDS and not _is_bullet_line(paragraph.split("\n", 1)[0]):
+        rest = paragraph if re.match(r"[A-Z]{2,}\b|I\b", paragraph) else paragraph[:1].lower() + paragraph[1:]
+        return f"{w}, {rest}"
+    lead = _pick(_FIRST_WORD_LEADS, word).format(w=w)
+    sep = "\n" if _is_bullet_line(paragraph.split("\n", 1)[0]) else " "
+    return f"{lead}{sep}{paragraph}"
+
+
+def _fix_nth_paragraph(text: str, kw: dict) -> str:
+    n, nth, word = kw["num_paragraphs"], kw["nth_paragraph"], kw["first_word"].strip()
+    paragraphs = [_render(g) for g in _groups(_units(text), n)]
+    paragraphs[nth - 1] = _start_with(paragraphs[nth - 1], word)
+    return "\n\n".join(paragraphs)
+
+
+def _cut_to(text: str, ok: Callable[[str], bool]) -> str:
+    """The longest prefix of ``text`` ending at a sentence or line end for which ``ok`` holds."""
+    if ok(text):
+        return text
+    cuts = {m.end() for m in _SENTENCE_END.finditer(text)} | {m.start() for m in re.finditer(r"\n", text)}
+    for cut in sorted(cuts, reverse=True):
+        head = text[:cut].rstrip()
+        if head.strip() and ok(head):
+            return head
+    raise ValueError("no whole-sentence prefix of the text satisfies the instruction")
+
+
+def _fix_sentences(text: str, kw: dict) -> str:
+    n = kw["num_sentences"]
+    if kw["relation"] == "less than":
+        if n <= 1:
+            raise ValueError("cannot write less than 1 sentence and keep the text non-empty")
+        return _cut_to(text, lambda t: _count_sentences(t) < n)
+    if _count_sentences(text) >= n:
+        return text
+    # More sentences without filler: a semicolon becomes a full stop.
+    text = re.sub(r"\s*;\s+([a-z])", lambda m: ". " + m.group(1).upper(), text)
+    return text  # the caller checks; no filler is added
+
+
+def _fix_letters(text: str, kw: dict) -> str:
+    letter, n = kw["letter"].lower(), kw["let_frequency"]
+    if not ("a" <= letter <= "z"):
+        raise ValueError(f"letter {letter!r} is not a letter (the harness would check a random one)")
+    have = text.lower().count(letter)
+    if kw["let_relation"] == "less than":
+        return _cut_to(text, lambda t: t.lower().count(letter) < n)
+    if have >= n:
+        return text
+    from .ifeval import harness
+
+    pool = sorted({w for w in harness().instructions_util.WORD_LIST if letter in w},
+                  key=lambda w: (-w.count(letter), w))
+    if not pool:
+        raise ValueError(f"no word with the letter {letter!r} to add")
+    words: list[str] = []
+    need = n - have - 1  # the sentence names the letter once
+    for w in pool:
+        if need <= 0:
+            break
+        words.append(w)
+        need -= w.count(letter)
+    if need > 0:
+        raise ValueError(f"cannot reach {n} letters {letter!r}")
+    return _append_sentence(text, f"Some words with the letter {letter}: {_join_words(words)}.")
+
+
+_FREQUENCY_LEADS = ("{K} is worth a mention.", "{K} matters here too.", "It all comes back to {k}.")
+
+
+def _drop_or_replace(text: str, pattern: str, allowed: int) -> str:
+    """Fewer than ``allowed``+1 matches of ``pattern``: drop trailing sentences that contain it while
+    more than one sentence is left, then replace the remaining whole-word matches."""
+    def over(t: str) -> bool:
+        return _count_regex(pattern, t) > allowed
+
+    if not over(text):
+        return text
+    sentences = _sentences(text) if "\n" not in text.strip() else None
+    if sentences and len(sentences) > 1:
+        keep = list(sentences)
+        for j in range(len(keep) - 1, -1, -1):
+            if not over(" ".join(keep)) or len(keep) == 1:
+                break
+            if re.search(pattern, keep[j], flags=re.IGNORECASE):
+                del keep[j]
+        text = " ".join(keep)
+    # What is left: the word that contains a match (the harness counts "guide" in "guided") is replaced.
+    return _replace_words(text, [r"\w*(?:" + pattern + r")\w*"], allowed)
+
+
+def _replace_words(text: str, patterns: Sequence[str], keep: int = 0) -> str:
+    """Replace whole-word matches (after the first ``keep``) with a pronoun, with its determiner."""
+    for pattern in patterns:
+        seen = 0
+
+        def sub(m: re.Match) -> str:
+            nonlocal seen
+            seen += 1
+            if seen <= keep:
+                return m.group(0)
+            word = m.group("w")
+            plural = word.lower().endswith("s") and not word.lower().endswith("ss")
+            out = "these" if plural else ("this" if m.group("det") else "it")
+            return _cap_first(out) if m.group(0)[:1].isupper() else out
+
+        det = r"(?P<det>\b(?:the|a|an|this|that|these|those|its|their|our|your|his|her|my)\s+)?"
+        text = re.sub(det + r"(?P<w>\b" + pattern + r"\b(?:'s)?)", sub, text, flags=re.IGNORECASE)
+    return text
+
+
+def _fix_frequency(text: str, kw: dict) -> str:
+    keyword, n = kw["keyword"].strip(), kw["frequency"]
+    pattern = keyword
+    if kw["relation"] == "less than":
+        return _drop_or_replace(text, pattern, n - 1)
+    have = _count_regex(pattern, text)
+    if have >= n:
+        return text
+    leads = [_FREQUENCY_LEADS[(j + sum(map(ord, keyword))) % len(_FREQUENCY_LEADS)] for j in range(n - have)]
+    lead = " ".join(x.format(K=_cap_first(keyword), k=keyword) for x in leads)
+    body = text.strip()
+    sep = "\n" if body and _is_bullet_line(body.split("\n", 1)[0]) else " "
+    return f"{lead}{sep}{body}" if body else lead
+
+
+def _fix_forbidden(text: str, kw: dict) -> str:
+    return _replace_words(text, [w.strip() for w in kw["forbidden_words"]])
+
+
+def _fix_capital_words(text: str, kw: dict) -> str:
+    n = kw["capital_frequency"]
+    if check_instruction(CAPITAL_WORDS, text, kw):
+        return text
+    if kw["capital_relation"] == "less than":
+        # Words in capitals (acronyms, shouting) beyond the allowance get an initial capital only.
+        # A sentence-initial "A" counts as a word in capitals too: it becomes "One" ("One big step ...").
+        out = text
+        for m in reversed(list(re.finditer(r"\b[A-Z][A-Z']*[A-Z]\b|(?<![\w'])A(?= [a-z])", text))):
+            word = "One" if m.group(0) == "A" else m.group(0).capitalize()
+            out = out[: m.start()] + word + out[m.end():]
+            if _count_capital_words(out) < n:
+                return out
+        return out
+    # "at least": emphasise content words in capitals, longest first, then any word.
+    words = list(re.finditer(r"(?<![\[<*\w])[A-Za-z]+(?![\w\]>])", text))
+    order = sorted(words, key=lambda m: (m.group(0).lower() in _STOPWORDS, -len(m.group(0)), m.start()))
+    chars = list(text)
+    for m in order:
+        if m.group(0).isupper():
+            continue
+        chars[m.start(): m.end()] = list(m.group(0).upper())
+        if _count_capital_words("".join(chars)) >= n:
+            break
+    return "".join(chars)
+
+
+def _answer(text: str, kw: dict) -> str:
+    return _pick(("My answer is yes.", "My answer is no.", "My answer is maybe."), text)
+
+
+def _fix_constrained(text: str, kw: dict) -> str:
+    if check_instruction(CONSTRAINED, text, {}):
+        return text
+    return f"{_answer(text, kw)} {text.strip()}".strip()
+
+
+def _json_object(text: str) -> dict | None:
+    """The JSON object ``text`` holds (bare or in a ```json block, as the harness reads it), else None."""
+    body = text.strip()
+    for prefix in ("```json", "```Json", "```JSON", "```"):
+        body = body.removeprefix(prefix)
+    try:
+        value = json.loads(body.removesuffix("```").strip())
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _fix_json(text: str, kw: dict) -> str:
+    body = text.strip()
+    if _json_object(body) is not None:
+        return body
+    # Always an object: a bare JSON string ('"the answer"') passes the harness's check but is no JSON answer.
+    obj = {"topic": _topic_words(body, kw), "answer": body}
+    return "```json\n" + json.dumps(obj, indent=2, ensure_ascii=False) + "\n```"
+
+
+def _fix_two_responses(text: str, kw: dict) -> str:
+    if check_instruction(TWO_RESPONSES, text, {}):
+        return text
+    units = _units(text)
+    if len(units) < 2:
+        raise ValueError("cannot make two different responses from a single sentence")
+    first, second = _groups(units, 2)
+    head = ""
+    lines = text.strip().split("\n")
+    if re.fullmatch(r"<<[^\n]+>>", lines[0].strip()):
+        head = lines[0].strip() + "\n"  # a title stays on top of the first response
+        first, second = _groups(_units("\n".join(lines[1:])), 2)
+    return f"{head}{_render(first)}\n\n******\n\n{_render(second)}"
+
+
+def _fix_repeat_prompt(text: str, kw: dict) -> str:
+    prompt = kw["prompt_to_repeat"].strip()
+    if text.strip().lower().startswith(prompt.lower()):
+        return text
+    return f"{prompt}\n\n{text.strip()}"
+
+
 _FIXERS: dict[str, Callable[[str, dict], str]] = {
     LOWERCASE: _fix_lowercase,
     CAPITAL: _fix_capital,
@@ -533,22 +981,103 @@ _FIXERS: dict[str, Callable[[str, dict], str]] = {
     KEYWORDS: _fix_keywords,
     BULLETS: _fix_bullets,
     QUOTATION: _fix_quotation,
+    TITLE: _fix_title,
+    POSTSCRIPT: _fix_postscript,
+    PLACEHOLDERS: _fix_placeholders,
+    HIGHLIGHTS: _fix_highlights,
+    SECTIONS: _fix_sections,
+    PARAGRAPHS: _fix_paragraphs,
+    NTH_PARAGRAPH: _fix_nth_paragraph,
+    SENTENCES: _fix_sentences,
+    LETTERS: _fix_letters,
+    CAPITAL_WORDS: _fix_capital_words,
+    FREQUENCY: _fix_frequency,
+    FORBIDDEN: _fix_forbidden,
+    JSON_FORMAT: _fix_json,
+    CONSTRAINED: _fix_constrained,
+    TWO_RESPONSES: _fix_two_responses,
+    REPEAT_PROMPT: _fix_repeat_prompt,
 }
 
 FIX_ORDER: tuple[str, ...] = (
-    NUMBER_WORDS,  # trimming first: later fixers never remove words ...
-    BULLETS,  # ... and re-bulleting keeps the word count
-    KEYWORDS,
-    END_CHECKER,
-    LOWERCASE,  # case after the text is final (keyword/end checks are case-insensitive)
+    # 1. content: trims first (later fixers never remove sentences), then what adds sentences or words
+    NUMBER_WORDS,
+    SENTENCES,
+    LETTERS,
+    FREQUENCY,
+    PLACEHOLDERS,
+    # 2. structure: the list, then highlights inside it, then sections / paragraphs regroup whole lines
+    BULLETS,
+    KEYWORDS,  # a lead sentence (on its own line before a list)
+    HIGHLIGHTS,
+    SECTIONS,
+    PARAGRAPHS,
+    NTH_PARAGRAPH,
+    TITLE,  # a first line of its own
+    # 3. the end of the answer
+    POSTSCRIPT,
+    END_CHECKER,  # after the postscript: nothing may follow the end phrase
+    FORBIDDEN,  # after everything that adds words (a title, a postscript)
+    CONSTRAINED,
+    REPEAT_PROMPT,  # before case: the harness compares the repeated prompt case-insensitively
+    # 4. whole-text rewrites
+    CAPITAL_WORDS,
+    LOWERCASE,
     CAPITAL,
     NO_COMMA,  # after anything that may add commas
-    QUOTATION,  # last: wraps everything
+    # 5. wrappers, outermost last
+    TWO_RESPONSES,
+    JSON_FORMAT,
+    QUOTATION,
 )
 """Order in which ``apply_constraints`` applies fixers."""
 
 FIXABLE_IDS: tuple[str, ...] = tuple(sorted(_FIXERS))
-"""The instruction ids the fixers can satisfy (the built-in task's eight)."""
+"""The instruction ids the fixers can satisfy: 24 of IFEval's 25. ``language:response_language`` has no
+fixer: it asks for a whole answer in another language, which an edit of an English answer cannot give
+honestly (that needs a translation model)."""
+
+
+def _registry_conflicts() -> frozenset[frozenset[str]]:
+    from .ifeval import harness
+
+    conflicts = getattr(harness().registry, "INSTRUCTION_CONFLICTS", {})
+    return frozenset(frozenset((a, b)) for a, others in conflicts.items() for b in others
+                     if a != b and a in _KWARG_SPECS and b in _KWARG_SPECS)
+
+
+# Pairs the registry allows that no edit satisfies: lowercase turns every section header ("Section",
+# "SECTION", ...: the harness splits on the spliter case-sensitively) into one that no longer counts.
+# Pairs that fail only for some kwargs are not listed (apply_constraints raises for those): english_capital
+# with the spliter "Section"; a title with nth_paragraph_first_word's paragraph 1; no_comma with a prompt to
+# repeat that has a comma.
+_FIXER_CONFLICTS: frozenset[frozenset[str]] = frozenset(frozenset(p) for p in (
+    (LOWERCASE, SECTIONS),
+))
+
+
+_INCOMPATIBLE: frozenset[frozenset[str]] | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # INCOMPATIBLE_PAIRS reads the harness's registry, imported lazily like every other use of it.
+    if name == "INCOMPATIBLE_PAIRS":
+        global _INCOMPATIBLE
+        if _INCOMPATIBLE is None:
+            _INCOMPATIBLE = _registry_conflicts() | _FIXER_CONFLICTS
+        return _INCOMPATIBLE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def compatible(instruction_id_list: Sequence[str]) -> bool:
+    """Whether ``apply_constraints`` may be asked for these ids together: no pair in ``INCOMPATIBLE_PAIRS``
+    (the registry's ``INSTRUCTION_CONFLICTS``, made symmetric, plus the pairs the fixers cannot combine), no
+    id twice (the registry lists every id as conflicting with itself), and every id fixable."""
+    ids = list(instruction_id_list)
+    if len(set(ids)) != len(ids) or any(i not in _FIXERS for i in ids):
+        return False
+    pairs = __getattr__("INCOMPATIBLE_PAIRS")
+    return not any(frozenset((a, b)) in pairs for k, a in enumerate(ids) for b in ids[k + 1:])
 
 
 def _require_fixable(instruction_id: str) -> None:
@@ -556,20 +1085,39 @@ def _require_fixable(instruction_id: str) -> None:
         raise ValueError(f"no fixer for {instruction_id!r}: data generation supports {', '.join(FIXABLE_IDS)}")
 
 
-def apply_constraint(instruction_id: str, text: str, kwargs: Mapping[str, Any] | None) -> str:
+# "less than" counts whose budget apply_constraints tightens when later fixers add to the count:
+# id -> (count kwarg, relation kwarg, counter).
+_BUDGETS: dict[str, tuple[str, str, Callable[[str, dict], int]]] = {
+    NUMBER_WORDS: ("num_words", "relation", lambda t, kw: count_words(t)),
+    SENTENCES: ("num_sentences", "relation", lambda t, kw: _count_sentences(t)),
+    LETTERS: ("let_frequency", "let_relation", lambda t, kw: t.lower().count(kw["letter"].lower())),
+    FREQUENCY: ("frequency", "relation", lambda t, kw: _count_regex(kw["keyword"].strip(), t)),
+}
+
+
+def apply_constraint(instruction_id: str, text: str, kwargs: Mapping[str, Any] | None, *,
+                     topic: str | None = None) -> str:
     """Turn plain ``text`` into text that satisfies one instruction (for data generation).
+
+    ``topic`` (optional, e.g. ``"honeybees"``) names the title (``detectable_format:title``) and the JSON
+    object's ``topic`` field; without it they are taken from the text's most frequent content word.
 
     Returns text passing ``check_instruction``, except for ``number_words`` with
     ``"at least"``, which returns ``text`` unchanged (no filler is added; the caller checks).
 
     Raises:
         ValueError: the instruction cannot be satisfied from this text (e.g. lowercase of a
-            text without letters, fewer words than bullets, "less than 1 word").
-        UnknownInstructionError: ``instruction_id`` is not supported.
+            text without letters, fewer words than bullets, "less than 1 word", "at least 20
+            sentences" from five), or the id has no fixer (``language:response_language``).
+        UnknownInstructionError: ``instruction_id`` is not one of the 25.
     """
     clean = _clean_kwargs(instruction_id, kwargs)
     _require_fixable(instruction_id)
-    out = _FIXERS[instruction_id](text, clean)
+    token = _FIX_CONTEXT.set({"topic": topic, "ids": frozenset([instruction_id])})
+    try:
+        out = _FIXERS[instruction_id](text, clean)
+    finally:
+        _FIX_CONTEXT.reset(token)
     at_least = instruction_id == NUMBER_WORDS and clean["relation"] == "at least"
     if not at_least and not check_instruction(instruction_id, out, clean):
         raise ValueError(f"cannot satisfy {describe(instruction_id, clean)!r} for this text")
@@ -580,17 +1128,23 @@ def apply_constraints(
     text: str,
     instruction_id_list: Sequence[str],
     kwargs_list: Sequence[Mapping[str, Any] | None],
+    *,
+    topic: str | None = None,
 ) -> str:
     """Apply every instruction of a record to ``text`` in ``FIX_ORDER``, then recheck all.
 
-    Order: length, bullets, keywords, end phrase, case, no comma, quotation. For
-    ``"less than"`` word limits the trim target is tightened and retried when later fixers
-    (keywords sentence, end phrase) push the count over the limit.
+    Order: content (length, sentence, letter and keyword counts, placeholders), structure (bullets,
+    keywords, highlights, sections, paragraphs, title), the end (postscript, end phrase), forbidden words,
+    the constrained answer, the repeated prompt, case, no comma, then the wrappers (two responses, JSON,
+    quotation). For ``"less than"`` counts (words, sentences, letters, keyword frequency) the target is
+    tightened and retried when later fixers (a keyword sentence, a postscript, an end phrase) push the
+    count over the limit. ``topic``: see ``apply_constraint``.
 
     Raises:
         ValueError: the instructions cannot all be satisfied (conflicting instructions such
             as lowercase + capital, an end phrase with a comma + no comma, or an
             ``"at least"`` word count the text does not reach); the message lists them.
+            ``compatible`` tells in advance which combinations are never attempted by the data script.
     """
     record = {"instruction_id_list": list(instruction_id_list), "kwargs": list(kwargs_list)}
     validate_record(record)
@@ -598,31 +1152,47 @@ def apply_constraints(
         _require_fixable(instruction_id)
     items = [(i, _clean_kwargs(i, kw)) for i, kw in zip(instruction_id_list, kwargs_list)]
     items.sort(key=lambda item: FIX_ORDER.index(item[0]))  # stable for repeated ids
-    # Trim target per "less than" item; tightened when later fixers add words.
+    ids = frozenset(instruction_id_list)  # fixers may keep what another instruction needs
+    # Target per "less than" budget item; tightened when later fixers add to the count.
     targets = {
-        k: kw["num_words"]
+        k: kw[_BUDGETS[i][0]]
         for k, (i, kw) in enumerate(items)
-        if i == NUMBER_WORDS and kw["relation"] == "less than"
+        if i in _BUDGETS and kw[_BUDGETS[i][1]] == "less than"
     }
+    token = _FIX_CONTEXT.set({"topic": topic, "ids": ids})
+    try:
+        out, failed = _apply_items(text, items, targets)
+    finally:
+        _FIX_CONTEXT.reset(token)
+    if not failed:
+        return out
+    failed_desc = [describe(*items[k]) for k in failed]
+    raise ValueError(f"cannot satisfy all instructions; failing: {failed_desc}")
+
+
+def _apply_items(text: str, items: list[tuple[str, dict]], targets: dict[int, int]) -> tuple[str, list[int]]:
+    """Run the fixers in order (retrying with tightened "less than" targets); return the text and the
+    indices of the items it fails."""
     out, failed = text, list(range(len(items)))
     for _ in range(8):
-        out, after_trim = text, {}
-        for k, (instruction_id, kw) in enumerate(items):
-            if k in targets:
-                kw = {**kw, "num_words": targets[k]}
-            out = _FIXERS[instruction_id](out, kw)
-            if k in targets:
-                after_trim[k] = count_words(out)
+        out, after_fix = text, {}
+        try:
+            for k, (instruction_id, kw) in enumerate(items):
+                if k in targets:
+                    kw = {**kw, _BUDGETS[instruction_id][0]: targets[k]}
+                out = _FIXERS[instruction_id](out, kw)
+                if k in targets:
+                    after_fix[k] = _BUDGETS[instruction_id][2](out, kw)
+        except ValueError as e:
+            raise ValueError(f"cannot satisfy all instructions: {e}") from None
         failed = [k for k, (i, kw) in enumerate(items) if not check_instruction(i, out, kw)]
         retry = [k for k in failed if k in targets]
         if not failed or len(retry) != len(failed):
             break
         for k in retry:
-            added = count_words(out) - after_trim[k]
-            targets[k] = min(targets[k] - 1, items[k][1]["num_words"] - added)
+            name, _, counter = _BUDGETS[items[k][0]]
+            added = counter(out, items[k][1]) - after_fix[k]
+            targets[k] = min(targets[k] - 1, items[k][1][name] - added)
         if min(targets[k] for k in retry) <= 1:
             break
-    if not failed:
-        return out
-    failed_desc = [describe(*items[k]) for k in failed]
-    raise ValueError(f"cannot satisfy all instructions; failing: {failed_desc}")
+    return out, failed

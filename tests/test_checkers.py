@@ -45,7 +45,7 @@ def test_supported_ids_are_the_harness_registry():
 
     assert len(SUPPORTED_IDS) == 25
     assert set(SUPPORTED_IDS) == set(INSTRUCTION_DICT)
-    assert set(FIX_ORDER) == set(FIXABLE_IDS) == {LOWER, UPPER, NO_COMMA, WORDS, END, KEYWORDS, BULLETS, QUOTE}
+    assert set(FIX_ORDER) == set(FIXABLE_IDS) == set(SUPPORTED_IDS) - {"language:response_language"}
 
 
 # ----------------------------------------------------------------------- the 25 ids, strict
@@ -292,9 +292,9 @@ def test_describe(instruction_id, kwargs, expected):
     assert describe(instruction_id, kwargs) == expected
 
 
-def test_fixers_only_for_the_eight_ids():
+def test_no_fixer_for_response_language():
     with pytest.raises(ValueError, match="no fixer"):
-        apply_constraint("detectable_format:title", "x", {})
+        apply_constraint("language:response_language", "x", {"language": "fr"})
 
 # ----------------------------------------------------------------------- fixers
 
