@@ -1,42 +1,84 @@
-"""Make the built-in instruction-following task: SFT demonstrations, preference pairs, RL prompts and
-held-out prompts, IFEval style (`prompt`, `instruction_id_list`, `kwargs`), checkable by
-`pipeline.checkers`.
+"""Make the built-in instruction-following task for all 25 IFEval instruction ids: SFT demonstrations,
+preference pairs, RL prompts, general prompts (no instructions) and held-out prompts, IFEval style
+(`prompt`, `instruction_id_list`, `kwargs`), judged by `pipeline.checkers` (lm-evaluation-harness's
+IFEval verifiers; docs/ifeval.md).
 
-    python data/make_constraints.py            # 3-8 minutes on 2 CPU cores (model sampling; cached)
-    python data/make_constraints.py --skip-model   # template content only, for debugging
+    python data/make_constraints.py                  # model sampling (cached under ~/.cache); see data/README.md
+    python data/make_constraints.py --skip-model     # template content only, for debugging and tests
+    python data/make_constraints.py --skip-model --out /tmp/x   # writes /tmp/x/*.jsonl and /tmp/x/heldout/
 
-Deterministic for a seed. Topics, task framings and instruction phrasings come in two disjoint pools:
-the training splits (sft, prefs, prompts) draw from TRAIN_*, the held-out split from HELDOUT_*, so the
-held-out numbers measure generalisation to phrasings and topics never trained on.
+Deterministic for a seed. A prompt is a base task (a kind of writing x a topic) followed by 1 (~45 %),
+2 (~40 %) or 3 (~15 %) instructions, the least-used id drawn first so the ids stay balanced, never two
+that conflict (the registry's `INSTRUCTION_CONFLICTS`, `checkers.INCOMPATIBLE_PAIRS` when present, and
+`PROJECT_CONFLICTS` below). Each instruction's kwargs are drawn by the registry itself
+(`INSTRUCTION_DICT[id](id).build_description(**overrides)`, then `get_instruction_args()`), with overrides
+that keep it feasible in about 90 words. Its text is the registry's own description (about 40 % in
+training) or one of the project's phrasings written from the same kwargs.
+
+Two disjoint pools: the training files (sft, prefs, prompts, prompts_general) draw tasks, topics and
+phrasings from TRAIN_*, the held-out split only from HELDOUT_*, so the held-out numbers measure
+generalisation to wordings and topics never trained on. The script asserts the disjointness, that every
+one of the 25 ids occurs at least `--min-heldout-per-id` times in the held-out split, and that no training
+prompt carries the opening of an IFEval prompt (`pipeline.ifeval.find_ifeval_prompts`).
 
 Content: the default model's own answers to the bare task (no instruction), cut to whole sentences
-without the greedy loops, then made to satisfy the instructions with `checkers.apply_constraints` (SFT). Preference pairs are
-real samples of the default model given the instruction, judged by the checkers: chosen passes
-(a sample, or a repaired sample when none passed), rejected fails (a sample, or when every sample
-passed, the chosen text with one instruction undone).
+without the greedy loops, then made to satisfy the instructions with `checkers.apply_constraints`; only
+rows that pass the harness's strict check are kept (SFT). Instruction ids without a fixer
+(`checkers.FIXABLE_IDS`, read at run time) get no SFT rows or pairs, but do appear in the RL and held-out
+prompts. Preference pairs: chosen follows more instructions than rejected; chosen is a model sample that
+passes (or a repaired one), rejected a failing sample, else a sample repaired with one instruction left
+out, else template text; a rejected that is the chosen cut short or padded (one a prefix of the other)
+is never used, so the reward model cannot learn length alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import re
-import shutil
 import sys
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.checkers import apply_constraints, check_record  # noqa: E402
-from pipeline.ifeval import assert_no_ifeval_prompts, find_ifeval_prompts  # noqa: E402
+from pipeline import checkers  # noqa: E402
+from pipeline.checkers import apply_constraints, check_record, validate_record  # noqa: E402
+from pipeline.data import DataError  # noqa: E402
+from pipeline.ifeval import assert_no_ifeval_prompts, find_ifeval_prompts, harness  # noqa: E402
+from pipeline.utils import atomic_write_text  # noqa: E402
 
+# The 25 ids (lm-evaluation-harness instructions_registry.INSTRUCTION_DICT).
 LOWER, CAPITAL, NO_COMMA = "change_case:english_lowercase", "change_case:english_capital", "punctuation:no_comma"
 WORDS, END, KEYWORDS = "length_constraints:number_words", "startend:end_checker", "keywords:existence"
 BULLETS, QUOTE = "detectable_format:number_bullet_lists", "startend:quotation"
-IDS = [LOWER, CAPITAL, NO_COMMA, WORDS, END, KEYWORDS, BULLETS, QUOTE]
-INCOMPATIBLE = [{LOWER, CAPITAL}, {QUOTE, BULLETS}, {NO_COMMA, END}]
+FREQUENCY, FORBIDDEN = "keywords:frequency", "keywords:forbidden_words"
+LETTER, LANGUAGE = "keywords:letter_frequency", "language:response_language"
+SENTENCES, PARAGRAPHS = "length_constraints:number_sentences", "length_constraints:number_paragraphs"
+FIRST_WORD = "length_constraints:nth_paragraph_first_word"
+PLACEHOLDERS, POSTSCRIPT = "detectable_content:number_placeholders", "detectable_content:postscript"
+CONSTRAINED, HIGHLIGHTS = "detectable_format:constrained_response", "detectable_format:number_highlighted_sections"
+SECTIONS, JSON, TITLE = "detectable_format:multiple_sections", "detectable_format:json_format", "detectable_format:title"
+TWO_RESPONSES, REPEAT = "combination:two_responses", "combination:repeat_prompt"
+CAPITAL_WORDS = "change_case:capital_word_frequency"
+
+# How many instructions a prompt gets: 1 (45 %), 2 (40 %), 3 (15 %).
+N_INSTRUCTIONS = ((1, 0.45), (2, 0.40), (3, 0.15))
+# Share of training instructions written in the registry's own words (the rest: TRAIN phrasings).
+REGISTRY_TEXT_SHARE = 0.4
+# Pairs the registry allows but these prompts make hard to satisfy together: a bulleted answer's sentence
+# count depends on whether each bullet ends with a full stop, and a paragraph that must open with an English
+# word fights an answer in another language.
+PROJECT_CONFLICTS = [{SENTENCES, BULLETS}, {LANGUAGE, FIRST_WORD}]
+# Languages for response_language: widely written ones a small model has seen (the registry's 30
+# include scripts it has barely seen, which would make the instruction a dead end for RL).
+LANGUAGES = ("es", "fr", "de", "it", "pt", "ru", "hi", "ja")
+# Letters for keywords:letter_frequency: rare ones for "less than" (feasible in 90 words), any for "at least".
+RARE_LETTERS, COMMON_LETTERS = "qzxj", "abcdefghiklmnoprstuwy"
 
 TRAIN_TOPICS = [
     "the ocean", "honeybees", "volcanoes", "the moon", "coffee", "bicycles", "rainforests", "chess",
@@ -114,33 +156,59 @@ HELDOUT_TOPICS = [
     "wolves", "sand dunes", "a lost umbrella", "pottery", "a city marathon", "fireflies", "tide pools",
     "a village bakery", "meteor showers", "an old typewriter", "beekeeping suits", "the compass", "a ferry ride",
 ]
+
+# Base tasks by kind; none has a comma (a repeated request must stay comma-free next to no_comma), each fits
+# a 60-90 word answer. The held-out kinds and wordings never occur in training.
 TRAIN_TASKS = [
-    "Write a short poem about {t}.", "Describe {t}.", "Explain {t} to a child.", "Write a short story about {t}.",
-    "Give some tips about {t}.", "Write a paragraph about {t}.", "Tell me a few facts about {t}.",
-    "Write a short blog post about {t}.", "Why do people like {t}?", "Write a short note to a friend about {t}.",
-    'Write a haiku-like short poem about {t}.',
-    'Give a brief overview of {t}.',
-    'Write an encyclopedia-style entry on {t}.',
-    'Write a short advertisement for {t}.',
-    'Share your thoughts on {t}.',
-    'Write a short speech about {t}.',
-    'Describe a day spent with {t}.',
-    'Write a short letter about {t}.',
-    'What is interesting about {t}?',
-    'Write a few sentences for a travel guide about {t}.',
-    'Create a short lesson plan about {t}.',
-    'List some things you know about {t}.',
-    'Write a short news report about {t}.',
-    'Explain why {t} matters.',
-    'Write a riddle-style description of {t}.',
+    # explanations
+    "Explain {t} to a child.", "Explain why {t} matters.", "Explain in simple words what makes {t} special.",
+    "Tell me a few facts about {t}.", "Describe {t}.", "What is interesting about {t}?",
+    # emails and letters
+    "Write a short email to a friend about {t}.", "Write a short email inviting a coworker to a talk on {t}.",
+    "Write a short letter to your grandmother about {t}.", "Write a letter to the editor of a local paper about {t}.",
+    # stories and poems
+    "Write a short story about {t}.", "Write a very short bedtime story featuring {t}.",
+    "Write a short poem about {t}.", "Write a four-line rhyme about {t}.", "Write a haiku-like short poem about {t}.",
+    # product descriptions, reviews, ads
+    "Write a product description for a picture book about {t}.",
+    "Write a short product description for a calendar with photos of {t}.",
+    "Write a short review of a documentary about {t}.", "Write a short advertisement for a class about {t}.",
+    "Write a short advertisement for {t}.",
+    # advice, plans, how-tos
+    "Give some tips about {t}.", "Give some advice to someone who wants to learn about {t}.",
+    "Make a simple one-day plan for a family interested in {t}.", "Plan a short school trip about {t}.",
+    "Write a short how-to guide for learning about {t}.", "Create a short lesson plan about {t}.",
+    # dialogues, summaries, riddles, opinions
+    "Write a short dialogue between two friends about {t}.", "Summarize the main facts about {t}.",
+    "Give a brief overview of {t}.", "Write a riddle whose answer is {t}.", "Write a riddle-style description of {t}.",
+    "Share your thoughts on {t}.", "Share your opinion on {t}.", "Why do people like {t}?",
+    # cover letters, speeches, posts, reports
+    "Write a short cover letter for a job that involves {t}.", "Write a short speech about {t}.",
+    "Write a short blog post about {t}.", "Write a social media post about {t}.",
+    "Write a short news report about {t}.", "Write an encyclopedia-style entry on {t}.",
+    "Write a few sentences for a travel guide about {t}.", "Write a short note to a friend about {t}.",
 ]
 HELDOUT_TASKS = [
     "Compose a product review of {t}.", "Draft a museum placard describing {t}.",
     "Pretend you are a tour guide and introduce {t}.", "Write a diary entry about {t}.",
-    "Summarize what a beginner should know about {t}.",
+    "Summarize what a beginner should know about {t}.", "Draft a job posting for someone who looks after {t}.",
+    "Write the script of a short radio interview about {t}.", "Compose a limerick about {t}.",
+    "Text a sibling about {t}.", "Jot down a field note about {t}.",
+    "Draft a toast for a party in honour of {t}.", "Prepare a postcard message from a holiday spent near {t}.",
+]
+# Yes/no questions, the base task for constrained_response (its answer is one of three fixed sentences).
+TRAIN_QUESTIONS = [
+    "Is {t} worth learning about?", "Would {t} make a good topic for a school project?",
+    "Should every child learn about {t}?", "Is {t} more interesting than most people think?",
+    "Can {t} teach us something useful?", "Would you enjoy a whole day devoted to {t}?",
+]
+HELDOUT_QUESTIONS = [
+    "Do you reckon {t} will still matter in a hundred years?", "Would you recommend {t} to a bored teenager?",
+    "Does {t} deserve a festival of its own?",
 ]
 
-# Instruction phrasings: (training pool, held-out pool). Placeholders are filled from the kwargs.
+# Instruction phrasings per id: (training pool, held-out pool), written from the same kwargs as the registry's
+# text. Varied register (plain, terse, polite, indirect, informal); the held-out wordings never occur in training.
 PHRASINGS = {
     LOWER: ([
         "Your entire response should be in English, and in all lowercase letters.",
@@ -317,56 +385,389 @@ PHRASINGS = {
         "Open the answer with a double quote and close it with one.",
     ]),
 }
-TRAIN_END_PHRASES = ["Is there anything else I can help with?", "Let me know if you have additional questions.",
-                     "That is all for today.", "Thanks for reading.", "Have a great day.", "I hope this helps."]
-HELDOUT_END_PHRASES = ["Any other questions?", "See you next time.", "The end."]
-TRAIN_KEYWORDS = ["bright", "quiet", "history", "future", "simple", "journey", "energy", "color", "water", "morning",
-                  "light", "friendly", "careful", "ancient", "small", "green", "music", "winter", "family", "safe"]
-HELDOUT_KEYWORDS = ["precise", "curious", "gentle", "harbor", "silver", "patience", "echo", "craft"]
 
+# The other 17 ids. Placeholders are filled from the kwargs by `fill_values`.
+PHRASINGS.update({
+    FREQUENCY: ([
+        'Use the word "{keyword}" {relation} {frequency} times.',
+        "The word {keyword} should appear {relation} {frequency} times in your reply.",
+        'Make sure "{keyword}" shows up {relation} {frequency} times.',
+        "pls use '{keyword}' {relation} {frequency} times",
+        'Could you use the word "{keyword}" {relation} {frequency} times?',
+        'Word rule: "{keyword}" appears {relation} {frequency} times.',
+    ], [
+        'Tally the occurrences of "{keyword}" in your text: there must be {relation} {frequency}.',
+        'I am keeping score of how often "{keyword}" turns up; it has to be {relation} {frequency} times.',
+    ]),
+    FORBIDDEN: ([
+        "Do not use the words {forbidden}.", "Avoid the words {forbidden} entirely.",
+        "Never say {forbidden} in your answer.", "Please keep {forbidden} out of your reply.",
+        "banned words: {forbidden}", "Your response must not contain {forbidden}.",
+    ], [
+        "Steer clear of {forbidden}; none of them may show up.",
+        "A reply that mentions {forbidden} is disqualified.",
+    ]),
+    LETTER: ([
+        "The letter {letter} should appear {let_relation} {let_frequency} times in your response.",
+        'Use the letter "{letter}" {let_relation} {let_frequency} times.',
+        "Make sure the letter {letter} occurs {let_relation} {let_frequency} times.",
+        "letter check: '{letter}' {let_relation} {let_frequency} times",
+        "Could you write it so the letter {letter} shows up {let_relation} {let_frequency} times?",
+    ], [
+        "Count every {letter} you type: the total has to be {let_relation} {let_frequency}.",
+        "Mind your {letter}s, since the whole reply may hold {let_relation} {let_frequency} of them.",
+    ]),
+    LANGUAGE: ([
+        "Respond in {language} only.", "Write your whole answer in {language}.",
+        "Please reply in {language} and use no other language.", "{language} only, please.",
+        "Answer entirely in the {language} language.",
+    ], [
+        "Every word you write must be {language}; nothing in any other tongue.",
+        "Switch over to {language} for the entire reply.",
+    ]),
+    SENTENCES: ([
+        "Use {relation} {num_sentences} sentences.", "Your answer should have {relation} {num_sentences} sentences.",
+        "Write {relation} {num_sentences} sentences in total.", "Keep it to {relation} {num_sentences} sentences, please.",
+        "sentence count: {relation} {num_sentences}", "Could you answer in {relation} {num_sentences} sentences?",
+    ], [
+        "Measured in sentences, the reply should come to {relation} {num_sentences}.",
+        "I will count full stops, and {relation} {num_sentences} sentences is the rule.",
+    ]),
+    PARAGRAPHS: ([
+        "Write exactly {num_paragraphs} paragraphs separated by the markdown divider ***.",
+        "Use {num_paragraphs} paragraphs with *** between them.",
+        "Split your answer into {num_paragraphs} paragraphs and put *** between paragraphs.",
+        "Please give {num_paragraphs} paragraphs divided by ***.", "{num_paragraphs} paragraphs, separated with ***.",
+    ], [
+        "Break the text into {num_paragraphs} blocks and mark each break with three asterisks (***).",
+        "Between consecutive paragraphs place ***; there must be {num_paragraphs} paragraphs overall.",
+    ]),
+    FIRST_WORD: ([
+        'Write {num_paragraphs} paragraphs separated by blank lines; the {nth_ord} paragraph must start with '
+        'the word "{first_word}".',
+        'Use {num_paragraphs} paragraphs (separated by an empty line) and begin paragraph {nth_paragraph} with '
+        '"{first_word}".',
+        "Give {num_paragraphs} paragraphs split by two new lines. Start the {nth_ord} one with the word {first_word}.",
+        "Please answer in {num_paragraphs} paragraphs with a blank line between them, and open paragraph "
+        '{nth_paragraph} with "{first_word}".',
+    ], [
+        'Lay the answer out as {num_paragraphs} blank-line-separated paragraphs whose {nth_ord} opens with the '
+        'word "{first_word}".',
+        'Compose {num_paragraphs} paragraphs with an empty line after each; "{first_word}" has to be the first '
+        "word of paragraph number {nth_paragraph}.",
+    ]),
+    PLACEHOLDERS: ([
+        "Include at least {num_placeholders} placeholders in square brackets, like [name].",
+        "Use {num_placeholders} or more placeholders written in square brackets, such as [address].",
+        "Leave at least {num_placeholders} blanks in square brackets (e.g. [date]) for me to fill in.",
+        "add at least {num_placeholders} [placeholder]-style fields",
+        "Please put at least {num_placeholders} bracketed placeholders like [city] in the text.",
+    ], [
+        "Sprinkle in at least {num_placeholders} fill-in spots in square brackets, for example [recipient].",
+        "There should be no fewer than {num_placeholders} bracketed gaps such as [time] left in the text.",
+    ]),
+    POSTSCRIPT: ([
+        "End with a postscript that starts with {postscript_marker}", 'Add a postscript beginning with '
+        '"{postscript_marker}" at the end.', "Please include a {postscript_marker} note after the main text.",
+        "After your answer add a line starting with {postscript_marker}", "Finish with a postscript ({postscript_marker}).",
+    ], [
+        "Tack on an afterthought introduced by {postscript_marker} once you are done.",
+        "Below the main reply leave a short note opening with {postscript_marker}",
+    ]),
+    CONSTRAINED: ([
+        'Answer with one of these: "My answer is yes.", "My answer is no." or "My answer is maybe."',
+        'Reply using exactly one of the options "My answer is yes." / "My answer is no." / "My answer is maybe."',
+        "Choose one: My answer is yes. My answer is no. My answer is maybe.",
+        'Please respond with "My answer is yes.", "My answer is no.", or "My answer is maybe."',
+    ], [
+        'Pick your verdict from "My answer is yes.", "My answer is no." and "My answer is maybe." and give it '
+        "verbatim.",
+        'The only acceptable replies are "My answer is yes.", "My answer is no." and "My answer is maybe."',
+    ]),
+    HIGHLIGHTS: ([
+        "Highlight at least {num_highlights} parts of your answer with markdown, like *this part*.",
+        "Mark at least {num_highlights} sections in *italics* using single asterisks.",
+        "Use markdown to highlight {num_highlights} or more phrases, e.g. *important*.",
+        "please *highlight* at least {num_highlights} bits",
+        "Emphasize at least {num_highlights} key phrases by wrapping them in asterisks.",
+    ], [
+        "Put asterisks around at least {num_highlights} passages so they stand out, as in *a key idea*.",
+        "Draw attention to {num_highlights} or more phrases by enclosing each in single asterisks.",
+    ]),
+    SECTIONS: ([
+        'Divide your answer into {num_sections} sections, each starting with "{section_spliter} X" '
+        "(e.g. {section_spliter} 1).",
+        "Use {num_sections} sections labelled {section_spliter} 1, {section_spliter} 2 and so on.",
+        "Organise the reply as {num_sections} parts, marking each one with {section_spliter} followed by its number.",
+        "{num_sections} sections please, headed '{section_spliter} 1', '{section_spliter} 2', ...",
+    ], [
+        "Split what you write into {num_sections} parts whose headers read {section_spliter} 1 through "
+        "{section_spliter} {num_sections}.",
+        'Give each of the {num_sections} portions of the answer a heading of the form "{section_spliter} N".',
+    ]),
+    JSON: ([
+        "Format your entire answer as JSON.", "Wrap the whole output in JSON; markdown ticks like ``` are fine.",
+        "Return your response as valid JSON.", "json only please", "Please give the answer as a JSON object.",
+    ], [
+        "Produce nothing but a parseable JSON document.",
+        "Make the reply machine-readable: the whole thing must be JSON.",
+    ]),
+    TITLE: ([
+        "Give your answer a title in double angular brackets, like <<my title>>.",
+        "Start with a title wrapped in << and >>.", "Include a title such as <<a day out>>.",
+        "Put a title in <<double angle brackets>> at the top.", "title it <<like this>>",
+    ], [
+        "Head the text with a name enclosed in << >>, for instance <<morning notes>>.",
+        "Somewhere near the top there should be a heading set between << and >>.",
+    ]),
+    TWO_RESPONSES: ([
+        "Give two different responses separated by six asterisks: ******.",
+        "Write two different answers and put ****** between them.",
+        "Offer two versions, separated by a line of ******.", "two answers pls, split with ******",
+        "Please provide two distinct responses, with ****** as the only separator.",
+    ], [
+        "Draft a pair of alternative replies and divide them with the string ******.",
+        "I want two takes on this; the divider between them must be ******.",
+    ]),
+    REPEAT: ([
+        "First repeat the request above word for word, then answer it.",
+        "Before answering, copy my request exactly as written, then give your answer.",
+        "Start by repeating the request without any change, then respond.",
+        "repeat my request first (word for word), then answer",
+        "Please echo the request back verbatim before you answer it.",
+    ], [
+        "Quote my question back to me exactly, with nothing before it, and only then reply.",
+        "Your reply has to open with an exact copy of what I asked, followed by the answer.",
+    ]),
+    CAPITAL_WORDS: ([
+        "Use {capital_relation} {capital_frequency} words written in ALL CAPITALS.",
+        "Words in all capital letters should appear {capital_relation} {capital_frequency} times.",
+        "Include {capital_relation} {capital_frequency} fully capitalized words.",
+        "all-caps words: {capital_relation} {capital_frequency}",
+        "Please write {capital_relation} {capital_frequency} words entirely in uppercase.",
+    ], [
+        "The number of shouted words (every letter upper case) must be {capital_relation} {capital_frequency}.",
+        "Count the fully upper-case words you use and keep that count {capital_relation} {capital_frequency}.",
+    ]),
+})
+# End phrases: the registry's own two ("Any other questions?", "Is there anything else I can help with?")
+# or these in training; only these in the held-out split. None has a comma (no_comma may come with it).
+TRAIN_END_PHRASES = ["Let me know if you have additional questions.", "That is all for today.", "Thanks for reading.",
+                     "Have a great day.", "I hope this helps."]
+HELDOUT_END_PHRASES = ["See you next time.", "The end.", "That wraps it up."]
+ORDINALS = ["first", "second", "third", "fourth", "fifth"]
 
-# SFT content: greedy, long enough for "at least 80 words", with HF's repetition penalty so that the
+# SFT content: greedy, long enough for "at least 60 words", with HF's repetition penalty so that the
 # small model's greedy loops do not become demonstrations (1.2 measured: no loops, on-topic prose).
 CONTENT_TOKENS = 160
 CONTENT_REPETITION_PENALTY = 1.2
 
 
-def sample_kwargs(iid: str, rng: random.Random, heldout: bool) -> dict:
+# --------------------------------------------------------------------------------------------
+# Instruction ids, conflicts, kwargs and phrasings
+# --------------------------------------------------------------------------------------------
+
+
+def all_ids() -> list[str]:
+    """The registry's 25 ids, sorted."""
+    return sorted(harness().registry.INSTRUCTION_DICT)
+
+
+def conflict_pairs() -> set[frozenset]:
+    """Unordered pairs never drawn together: the registry's `INSTRUCTION_CONFLICTS` (made symmetric, as
+    its own `conflict_make` would), `checkers.INCOMPATIBLE_PAIRS` when present, and PROJECT_CONFLICTS."""
+    pairs: set[frozenset] = set()
+    for a, others in getattr(harness().registry, "INSTRUCTION_CONFLICTS", {}).items():
+        pairs |= {frozenset((a, b)) for b in others if b != a}
+    for pair in list(getattr(checkers, "INCOMPATIBLE_PAIRS", ())) + PROJECT_CONFLICTS:
+        pair = frozenset(pair)
+        if len(pair) == 2:
+            pairs.add(pair)
+    return pairs
+
+
+@contextlib.contextmanager
+def seeded_global_random(gen: random.Random) -> Iterator[None]:
+    """The registry draws kwargs with Python's global `random`: seed it from `gen` (restored after), so the
+    data stays a function of the script's seed."""
+    state = random.getstate()
+    random.seed(gen.getrandbits(64))
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def overrides(iid: str, gen: random.Random, heldout: bool, task: str) -> dict:
+    """kwargs given to `build_description` so the instruction is feasible in a ~90-word answer; the
+    registry draws the rest."""
     if iid == WORDS:
-        if rng.random() < 0.5:
-            return {"relation": "less than", "num_words": rng.choice([30, 40, 50, 60, 80])}
-        return {"relation": "at least", "num_words": rng.choice([40, 50, 60, 70, 80])}
-    if iid == END:
-        return {"end_phrase": rng.choice(HELDOUT_END_PHRASES if heldout else TRAIN_END_PHRASES)}
-    if iid == KEYWORDS:
-        return {"keywords": rng.sample(HELDOUT_KEYWORDS if heldout else TRAIN_KEYWORDS, 2)}
+        if gen.random() < 0.5:
+            return {"relation": "less than", "num_words": gen.choice(range(40, 121, 10))}
+        return {"relation": "at least", "num_words": gen.choice(range(30, 61, 10))}
+    if iid == SENTENCES:
+        return {"num_sentences": gen.randint(2, 6)}
+    if iid == PARAGRAPHS:
+        return {"num_paragraphs": gen.randint(2, 4)}
+    if iid == FIRST_WORD:
+        n = gen.randint(2, 4)
+        return {"num_paragraphs": n, "nth_paragraph": gen.randint(1, n)}
+    if iid == SECTIONS:
+        return {"num_sections": gen.randint(2, 4)}
+    if iid == HIGHLIGHTS:
+        return {"num_highlights": gen.randint(1, 3)}
+    if iid == PLACEHOLDERS:
+        return {"num_placeholders": gen.randint(1, 3)}
     if iid == BULLETS:
-        return {"num_bullets": rng.choice([2, 3, 4, 5])}
+        return {"num_bullets": gen.randint(2, 5)}
+    if iid == LETTER:
+        if gen.random() < 0.5:
+            return {"letter": gen.choice(RARE_LETTERS), "let_relation": "less than", "let_frequency": gen.randint(2, 4)}
+        return {"letter": gen.choice(COMMON_LETTERS), "let_relation": "at least", "let_frequency": gen.randint(3, 10)}
+    if iid == CAPITAL_WORDS:
+        return {"capital_frequency": gen.randint(2, 6)}
+    if iid == LANGUAGE:
+        return {"language": gen.choice(LANGUAGES)}
+    if iid == END:
+        if heldout:
+            return {"end_phrase": gen.choice(HELDOUT_END_PHRASES)}
+        return {} if gen.random() < 0.5 else {"end_phrase": gen.choice(TRAIN_END_PHRASES)}
+    if iid == REPEAT:
+        return {"prompt_to_repeat": task}
     return {}
 
 
-def phrase(iid: str, kwargs: dict, rng: random.Random, heldout: bool) -> str:
-    template = rng.choice(PHRASINGS[iid][1 if heldout else 0])
+def registry_draw(iid: str, gen: random.Random, heldout: bool, task: str) -> tuple[dict, str]:
+    """(kwargs, the registry's own instruction text) for one instruction."""
+    inst = harness().registry.INSTRUCTION_DICT[iid](iid)
+    with seeded_global_random(gen):
+        text = inst.build_description(**overrides(iid, gen, heldout, task))
+        args = inst.get_instruction_args() or {}
+    return {k: v for k, v in args.items() if v is not None}, text
+
+
+def _quoted(words: list[str]) -> str:
+    q = [f'"{w}"' for w in words]
+    return " and ".join(q) if len(q) <= 2 else ", ".join(q[:-1]) + " and " + q[-1]
+
+
+def fill_values(kwargs: dict) -> dict:
+    """Placeholders for a phrasing: the kwargs themselves plus a few spelled-out forms."""
     fill = dict(kwargs)
     if "keywords" in kwargs:
-        fill["kw"] = " and ".join(f'"{k}"' for k in kwargs["keywords"])
-    return template.format(**fill)
+        fill["kw"] = _quoted(kwargs["keywords"])
+    if "forbidden_words" in kwargs:
+        fill["forbidden"] = _quoted(kwargs["forbidden_words"])
+    if "language" in kwargs:
+        fill["language"] = harness().instructions_util.LANGUAGE_CODES[kwargs["language"]]
+    if "nth_paragraph" in kwargs:
+        fill["nth_ord"] = ORDINALS[kwargs["nth_paragraph"] - 1]
+    return fill
 
 
-def make_prompt(rng: random.Random, heldout: bool, counts: dict[str, int]) -> dict:
-    topic = rng.choice(HELDOUT_TOPICS if heldout else TRAIN_TOPICS)
-    task = rng.choice(HELDOUT_TASKS if heldout else TRAIN_TASKS).format(t=topic)
-    # Balance the ids: draw the least used one first.
-    first = min(IDS, key=lambda i: (counts[i], rng.random()))
-    ids = [first]
-    if rng.random() < 0.3:
-        options = [i for i in IDS if i != first and not any({first, i} <= bad for bad in INCOMPATIBLE)]
-        ids.append(min(options, key=lambda i: (counts[i], rng.random())))
-    for i in ids:
-        counts[i] += 1
-    kwargs = [sample_kwargs(i, rng, heldout) for i in ids]
-    prompt = " ".join([task] + [phrase(i, k, rng, heldout) for i, k in zip(ids, kwargs)])
-    return {"prompt": prompt, "task": task, "topic": topic, "instruction_id_list": ids, "kwargs": kwargs}
+def phrase(iid: str, kwargs: dict, registry_text: str, gen: random.Random, heldout: bool) -> tuple[str, str]:
+    """(instruction text, its source: "registry" / "train" / "heldout")."""
+    if heldout:
+        return gen.choice(PHRASINGS[iid][1]).format(**fill_values(kwargs)), "heldout"
+    if gen.random() < REGISTRY_TEXT_SHARE:
+        return registry_text, "registry"
+    return gen.choice(PHRASINGS[iid][0]).format(**fill_values(kwargs)), "train"
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def feasible(task: str, ids: list[str], kwargs: list[dict]) -> bool:
+    """Kwargs of different instructions that contradict each other or the task: a forbidden word that the
+    task or another instruction needs, a "less than N" letter that required words already use N times."""
+    kw = dict(zip(ids, kwargs))
+    required = " ".join([" ".join(kw.get(KEYWORDS, {}).get("keywords", [])), kw.get(END, {}).get("end_phrase", ""),
+                         kw.get(FIRST_WORD, {}).get("first_word", ""), kw.get(POSTSCRIPT, {}).get("postscript_marker", ""),
+                         kw.get(FREQUENCY, {}).get("keyword", "") if kw.get(FREQUENCY, {}).get("relation") == "at least"
+                         else "", task if REPEAT in kw else ""])
+    if FORBIDDEN in kw:
+        banned = {w.lower() for w in kw[FORBIDDEN]["forbidden_words"]}
+        if banned & (_words(required) | _words(task)):
+            return False
+    if FREQUENCY in kw and kw[FREQUENCY]["relation"] == "less than":
+        if kw[FREQUENCY]["keyword"].lower() in _words(required) | _words(task):
+            return False
+    if LETTER in kw and kw[LETTER]["let_relation"] == "less than":
+        if required.lower().count(kw[LETTER]["letter"].lower()) >= kw[LETTER]["let_frequency"]:
+            return False
+    return True
+
+
+def pick_count(gen: random.Random) -> int:
+    x, acc = gen.random(), 0.0
+    for n, p in N_INSTRUCTIONS:
+        acc += p
+        if x < acc:
+            return n
+    return N_INSTRUCTIONS[-1][0]
+
+
+def make_prompt(gen: random.Random, heldout: bool, counts: Counter, pool: list[str],
+                conflicts: set[frozenset]) -> dict:
+    """One prompt record: a base task and 1-3 compatible instructions from `pool`, least-used id first.
+    Does not update `counts` (the caller does, for the rows it keeps)."""
+    for _ in range(50):
+        topic = gen.choice(HELDOUT_TOPICS if heldout else TRAIN_TOPICS)
+        first = min(pool, key=lambda i: (counts[i], gen.random()))
+        ids = [first]
+        for _ in range(pick_count(gen) - 1):
+            options = [i for i in pool if i not in ids and not any(frozenset((i, j)) in conflicts for j in ids)]
+            if not options:
+                break
+            ids.append(min(options, key=lambda i: (counts[i], gen.random())))
+        gen.shuffle(ids)
+        if REPEAT in ids:  # the request to repeat comes first, the instruction to repeat it last
+            ids.remove(REPEAT)
+            ids.append(REPEAT)
+        if CONSTRAINED in ids:
+            task = gen.choice(HELDOUT_QUESTIONS if heldout else TRAIN_QUESTIONS).format(t=topic)
+        else:
+            task = gen.choice(HELDOUT_TASKS if heldout else TRAIN_TASKS).format(t=topic)
+        task = task[0].upper() + task[1:]
+        drawn = [registry_draw(i, gen, heldout, task) for i in ids]
+        kwargs = [k for k, _ in drawn]
+        if not feasible(task, ids, kwargs):
+            continue
+        texts = [phrase(i, k, t, gen, heldout) for i, (k, t) in zip(ids, drawn)]
+        parts = [task] + [t for t, _ in texts]
+        if REPEAT in ids:  # IFEval's layout: the instruction to repeat on a line of its own after the request
+            prompt = " ".join(parts[:-1]) + "\n" + parts[-1]
+        else:
+            prompt = " ".join(parts)
+        rec = {"prompt": prompt, "task": task, "topic": topic, "instruction_id_list": ids, "kwargs": kwargs,
+               "sources": [s for _, s in texts]}
+        validate_record(rec, where=f"generated prompt {prompt[:60]!r}")
+        return rec
+    raise RuntimeError(f"no feasible prompt for {first!r} in 50 draws")  # a bug in the pools, not user input
+
+
+def leaks_heldout(text: str) -> str | None:
+    """The held-out topic, task framing or phrasing that `text` contains, if any."""
+    low = text.lower()
+    for t in HELDOUT_TOPICS:
+        if t.lower() in low:
+            return f"held-out topic {t!r}"
+    for task in HELDOUT_TASKS + HELDOUT_QUESTIONS:
+        stem = task.split("{")[0].strip().lower()
+        if len(stem) >= 8 and stem in low:
+            return f"held-out task framing {task!r}"
+    for iid, (_, held) in PHRASINGS.items():
+        for h in held:
+            stem = h.split("{")[0].strip().lower()[:30]
+            if len(stem) >= 12 and stem in low:
+                return f"held-out phrasing {h!r} of {iid}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Content
+# --------------------------------------------------------------------------------------------
 
 
 def _ngrams(words: list[str], n: int = 4) -> set[tuple[str, ...]]:
@@ -408,58 +809,68 @@ def whole_sentences(text: str, max_sentences: int = 4, max_words: int = 60) -> s
 def content_limits(rec: dict) -> dict:
     """``whole_sentences`` limits for a record: short by default, enough for an "at least N words" one.
 
-    N + 15 words keeps a reply for N = 80 inside the eval's 128 new tokens; a list gets one sentence
-    per bullet where the text has them.
+    N + 15 words for "at least N words"; at least one sentence per bullet, paragraph or section, and the
+    sentences an "at least N sentences" asks for, so the fixers have whole sentences to arrange.
     """
     pairs = list(zip(rec["instruction_id_list"], rec["kwargs"]))
     at_least = [kw["num_words"] for i, kw in pairs if i == WORDS and kw["relation"] == "at least"]
-    # One sentence per bullet where the text has them (else bullets are cut mid-sentence).
-    bullets = [kw["num_bullets"] for i, kw in pairs if i == BULLETS]
+    units = [kw[k] for i, kw in pairs for k in ("num_bullets", "num_paragraphs", "num_sections") if k in kw]
+    units += [kw["num_sentences"] for i, kw in pairs if i == SENTENCES and kw["relation"] == "at least"]
     if at_least:
-        return {"max_sentences": 12, "max_words": max(at_least) + 15}
-    return {"max_sentences": max([4] + bullets), "max_words": 60}
+        return {"max_sentences": max([12] + units), "max_words": max(at_least) + 15}
+    return {"max_sentences": max([4] + units), "max_words": 60}
 
 
 TEMPLATE_FACTS = [
     "{T} has a long and interesting history.", "Many people enjoy learning about {t}.",
     "There is always something new to notice about {t}.", "Some details about {t} surprise even experts.",
     "Talking about {t} is a good way to start a conversation.", "You can learn a lot about {t} from a good book.",
+    "Children often ask questions about {t}.", "A short walk can teach you something about {t}.",
+    "Artists have painted {t} for a very long time.", "Every season shows {t} in a different light.",
 ]
 
 
-def template_content(topic: str, rng: random.Random) -> str:
-    facts = rng.sample(TEMPLATE_FACTS, 4)
+def template_content(topic: str, rng: random.Random, n: int = 4) -> str:
+    """Filler prose about a topic (``--skip-model``, and a fallback base when the model's answer is empty)."""
+    facts = rng.sample(TEMPLATE_FACTS, min(n, len(TEMPLATE_FACTS)))
     return " ".join(f.format(t=topic, T=topic[0].upper() + topic[1:]) for f in facts)
 
 
-def undo_one(text: str, ids: list[str], kwargs: list[dict], rng: random.Random) -> str | None:
-    """A template violation of one instruction, for pairs where every sample passed."""
-    iid = rng.choice(ids)
-    if iid == LOWER:
-        return text[:1].upper() + text[1:] if text[:1].isalpha() else "The " + text
-    if iid == CAPITAL:
-        return text.lower()
-    if iid == NO_COMMA:
-        words = text.split(" ")
-        return " ".join(words[:2]) + ", " + " ".join(words[2:]) if len(words) > 3 else None
-    if iid == END:
-        return text + " More could be said."
-    if iid == QUOTE:
-        return text.strip().strip('"')
-    if iid == BULLETS:
-        return text + "\n* One more point."
-    return None
+def n_passed(text: str, rec: dict) -> int:
+    if not text.strip():
+        return 0
+    return sum(check_record(text, rec["instruction_id_list"], rec["kwargs"]))
 
 
 def judge(text: str, rec: dict) -> bool:
-    return bool(text.strip()) and all(check_record(text, rec["instruction_id_list"], rec["kwargs"]))
+    """The harness's strict verdict on every instruction of the record."""
+    return bool(text.strip()) and n_passed(text, rec) == len(rec["instruction_id_list"])
+
+
+def repair(text: str, rec: dict, drop: str | None = None) -> str | None:
+    """``text`` cut to whole sentences and made to satisfy the record's instructions (all, or all but
+    ``drop``); None when the fixers cannot."""
+    pairs = [(i, k) for i, k in zip(rec["instruction_id_list"], rec["kwargs"]) if i != drop]
+    base = whole_sentences(text, **content_limits(rec)) or text.strip()
+    if not base:
+        return None
+    try:
+        return apply_constraints(base, [i for i, _ in pairs], [k for _, k in pairs], topic=rec.get("topic"))
+    except ValueError:
+        return None
+
+
+def length_only(a: str, b: str) -> bool:
+    """One text is the other cut short or padded: its tokens (case and punctuation kept) are a prefix of the
+    other's, so the two differ in nothing but length."""
+    wa, wb = a.split(), b.split()
+    short, long_ = sorted((wa, wb), key=len)
+    return long_[:len(short)] == short
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 class Sampler:
@@ -504,97 +915,187 @@ class Sampler:
         return texts
 
 
-def main() -> None:
+# --------------------------------------------------------------------------------------------
+# Checks (run before anything is written, and again on the written files by tests/test_data_files.py)
+# --------------------------------------------------------------------------------------------
+
+TRAIN_FILES = ("sft.jsonl", "prefs.jsonl", "prefs_ranked.jsonl", "prompts.jsonl", "prompts_general.jsonl")
+DEFAULT_OUT = ROOT / "data" / "constraints"
+DEFAULT_HELDOUT = ROOT / "eval" / "constraints"
+
+
+def check_prompts(train: list[tuple[str, str]], held: list[str]) -> None:
+    """`train`: (where, prompt) of every training prompt; `held`: the held-out prompts. DataError when a
+    training prompt carries a held-out topic, framing or phrasing, a held-out prompt, or the opening of an
+    IFEval prompt (IFEval is for evaluation only)."""
+    held_set = set(held)
+    for where, p in train:
+        leak = leaks_heldout(p)
+        if leak:
+            raise DataError(f"{where}: the training prompt contains the {leak}; training must never show the "
+                            "held-out pools (data/make_constraints.py HELDOUT_*).")
+        if p in held_set:
+            raise DataError(f"{where}: the training prompt is also a held-out prompt.")
+    hits = find_ifeval_prompts([p for _, p in train])
+    if hits:
+        row, key = hits[0]
+        raise DataError(f"{train[row][0]}: the training prompt contains the opening of IFEval prompt key {key} "
+                        f"({len(hits)} such prompt(s)); IFEval is for evaluation only.")
+
+
+def check_heldout(rows: list[dict], min_per_id: int) -> Counter:
+    """Every one of the 25 ids occurs at least `min_per_id` times in the held-out prompts; returns the counts."""
+    counts = Counter(i for r in rows for i in r["instruction_id_list"])
+    short = {i: counts[i] for i in all_ids() if counts[i] < min_per_id}
+    if short:
+        raise DataError(f"held-out prompts: these instruction ids occur fewer than {min_per_id} times: {short}; "
+                        "raise --n-heldout.")
+    return counts
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def check_disjoint(out: Path, held_out: Path) -> None:
+    """The written files: no held-out topic, framing or phrasing, no held-out prompt and no IFEval prompt in
+    any training prompt (DataError naming the file and row)."""
+    train = [(f"{out / name} row {i}", r["prompt"]) for name in TRAIN_FILES if (out / name).exists()
+             for i, r in enumerate(_read(out / name), start=1)]
+    held = [r["prompt"] for r in _read(held_out / "heldout.jsonl")] if (held_out / "heldout.jsonl").exists() else []
+    check_prompts(train, held)
+    # The same guard the training stages' data loading can use, on the files as written.
+    assert_no_ifeval_prompts([out / name for name in TRAIN_FILES])
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "data" / "constraints"))
-    ap.add_argument("--heldout-out", default=str(ROOT / "eval" / "constraints"))
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="training files (default data/constraints)")
+    ap.add_argument("--heldout-out", default=None,
+                    help="held-out file's folder (default eval/constraints, or OUT/heldout when --out is given)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-sft", type=int, default=560)
-    ap.add_argument("--n-prefs", type=int, default=320)
-    ap.add_argument("--n-prompts", type=int, default=300)
-    ap.add_argument("--n-heldout", type=int, default=100)
+    ap.add_argument("--n-sft", type=int, default=600, help="SFT prompts drawn (rows kept: those that pass)")
+    ap.add_argument("--n-prefs", type=int, default=320, help="preference prompts drawn")
+    ap.add_argument("--n-prompts", type=int, default=400, help="RL prompts")
+    ap.add_argument("--n-heldout", type=int, default=125, help="held-out prompts")
+    ap.add_argument("--n-general", type=int, default=200, help="prompts without instructions (prompts_general)")
+    ap.add_argument("--min-heldout-per-id", type=int, default=4)
     ap.add_argument("--samples", type=int, default=2, help="samples per preference prompt")
-    ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--skip-model", action="store_true", help="template content instead of model samples")
     ap.add_argument("--sft-content", choices=["bare", "instructed"], default="bare",
-                    help="SFT content: the model's greedy answer to the bare task (default; the committed files), or "
-                         "to the prompt WITH its instructions (each demonstration is then a minimal edit of what the "
-                         "model already does; measured: held-out pass 0.21, the same as bare)")
-    args = ap.parse_args()
+                    help="SFT content: the model's greedy answer to the bare task (default), or to the prompt WITH "
+                         "its instructions (each demonstration is then a minimal edit of what the model does)")
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except DataError as e:
+        print(f"make_constraints: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
-    out, held_out = Path(args.out), Path(args.heldout_out)
+    out = Path(args.out)
+    if args.heldout_out:
+        held_out = Path(args.heldout_out)
+    else:
+        held_out = DEFAULT_HELDOUT if out.resolve() == DEFAULT_OUT.resolve() else out / "heldout"
+    ids = all_ids()
+    fixable = [i for i in ids if i in set(checkers.FIXABLE_IDS)]
+    conflicts = conflict_pairs()
     sample = Sampler(args.skip_model)
 
-    # 1. Prompts for every split, drawn without repeating a prompt text.
+    # 1. Prompts for every split, drawn without repeating a prompt text. Each split has its own generator,
+    #    so changing one split's size never changes another's prompts.
     seen: set[str] = set()
 
-    def draw(n: int, heldout: bool, gen: random.Random) -> list[dict]:
-        counts = {i: 0 for i in IDS}
-        rows = []
-        while len(rows) < n:
-            r = make_prompt(gen, heldout, counts)
-            if r["prompt"] not in seen:
-                seen.add(r["prompt"])
-                rows.append(r)
+    def draw(n: int, heldout: bool, gen: random.Random, pool: list[str]) -> list[dict]:
+        counts: Counter = Counter({i: 0 for i in pool})
+        rows: list[dict] = []
+        for _ in range(100 * n + 1000):
+            if len(rows) >= n:
+                break
+            r = make_prompt(gen, heldout, counts, pool, conflicts)
+            if r["prompt"] in seen or (not heldout and leaks_heldout(r["prompt"])):
+                continue
+            seen.add(r["prompt"])
+            counts.update(r["instruction_id_list"])
+            rows.append(r)
         return rows
 
-    # The held-out prompts come from their own generator, so growing the training pools never
-    # changes the held-out set.
-    held_p = draw(args.n_heldout, True, random.Random(f"heldout-{args.seed}"))
-    sft_p, pref_p, rl_p = (draw(args.n_sft, False, rng), draw(args.n_prefs, False, rng),
-                           draw(args.n_prompts, False, rng))
+    held_p = draw(args.n_heldout, True, random.Random(f"heldout-{args.seed}"), ids)
+    sft_p = draw(args.n_sft, False, random.Random(f"sft-{args.seed}"), fixable)
+    pref_p = draw(args.n_prefs, False, random.Random(f"prefs-{args.seed}"), fixable)
+    rl_p = draw(args.n_prompts, False, random.Random(f"rl-{args.seed}"), ids)
+    gen = random.Random(f"general-{args.seed}")
+    general: list[str] = []
+    for _ in range(100 * args.n_general + 1000):
+        if len(general) >= args.n_general:
+            break
+        task = gen.choice(TRAIN_TASKS).format(t=gen.choice(TRAIN_TOPICS))
+        if task not in general and not leaks_heldout(task):
+            general.append(task)
 
-    # 2. SFT: the model's own greedy answer (to the instructed prompt, or to the bare task), made to satisfy
-    #    the instructions.
-    if args.skip_model:
-        plain = {}
-    elif args.sft_content == "bare":
-        tasks = sorted({r["task"] for r in sft_p})
-        plain = dict(zip(tasks, sample(tasks, False, CONTENT_TOKENS, "plain answers", CONTENT_REPETITION_PENALTY)))
-    else:
-        prompts = [r["prompt"] for r in sft_p]
-        plain = dict(zip(prompts, sample(prompts, False, CONTENT_TOKENS, "instructed answers",
-                                         CONTENT_REPETITION_PENALTY)))
+    # 2. SFT: the model's own greedy answer (to the bare task, or to the instructed prompt), made to satisfy
+    #    the instructions; only rows the harness passes are kept.
     content_key = "task" if args.sft_content == "bare" else "prompt"
+    if args.skip_model:
+        plain: dict = {}
+    else:
+        keys = sorted({r[content_key] for r in sft_p})
+        plain = dict(zip(keys, sample(keys, False, CONTENT_TOKENS, f"{args.sft_content} answers",
+                                      CONTENT_REPETITION_PENALTY)))
     sft_rows = []
     for r in sft_p:
-        base = whole_sentences(plain.get(r[content_key], ""), **content_limits(r)) or template_content(r["topic"], rng)
+        lim = content_limits(r)
+        base = whole_sentences(plain.get(r[content_key], ""), **lim)
         if len(base.split()) < 25:
-            base = base + " " + template_content(r["topic"], rng)
+            base = (base + " " + template_content(r["topic"], rng, n=min(10, max(4, lim["max_sentences"])))).strip()
         try:
-            text = apply_constraints(base, r["instruction_id_list"], r["kwargs"])
+            text = apply_constraints(base, r["instruction_id_list"], r["kwargs"], topic=r.get("topic"))
         except ValueError:
             continue
         if judge(text, r):
             sft_rows.append({"prompt": r["prompt"], "completion": text,
                              "instruction_id_list": r["instruction_id_list"], "kwargs": r["kwargs"]})
 
-    # 3. Preference pairs from real samples judged by the checkers.
+    # 3. Preference pairs: chosen follows every instruction, rejected fewer.
     k = args.samples
     flat = [r["prompt"] for r in pref_p for _ in range(k)]
     samples = sample(flat, True, 112, "preference samples") if not args.skip_model else [
         template_content(r["topic"], rng) for r in pref_p for _ in range(k)]
-    prefs, sources = [], {"chosen_sample": 0, "chosen_repaired": 0, "rejected_sample": 0, "rejected_template": 0}
-    ranked = []
+    prefs, ranked = [], []
+    sources: Counter = Counter()
     for j, r in enumerate(pref_p):
-        outs = [s.strip() for s in samples[j * k:(j + 1) * k] if s.strip()]
-        good = [s for s in outs if judge(s, r)]
-        bad = [s for s in outs if not judge(s, r)]
-        chosen, c_src = (good[0], "sample") if good else (None, "repaired")
+        total = len(r["instruction_id_list"])
+        outs = list(dict.fromkeys(s.strip() for s in samples[j * k:(j + 1) * k] if s.strip()))
+        passed = {s: n_passed(s, r) for s in outs}
+        template = template_content(r["topic"], rng, n=min(10, max(4, content_limits(r)["max_sentences"])))
+        chosen, c_src = next(((s, "sample") for s in outs if passed[s] == total), (None, "repaired"))
         if chosen is None:
-            for s in outs + [template_content(r["topic"], rng)]:
-                try:
-                    fixed = apply_constraints(whole_sentences(s, **content_limits(r)) or s, r["instruction_id_list"],
-                                              r["kwargs"])
-                except ValueError:
-                    continue
-                if judge(fixed, r):
-                    chosen = fixed
-                    break
+            chosen = next((f for f in (repair(s, r) for s in outs + [template]) if f and judge(f, r)), None)
         if chosen is None:
+            sources["skipped_no_chosen"] += 1
             continue
-        rejected, r_src = (bad[0], "sample") if bad else (undo_one(chosen, r["instruction_id_list"], r["kwargs"], rng),
-                                                          "template")
-        if rejected is None or judge(rejected, r) or rejected == chosen:
+        rejected, r_src = next(((s, "sample") for s in outs if passed[s] < total and not length_only(chosen, s)),
+                               (None, None))
+        if rejected is None:  # every sample passed: repair one with an instruction left out (length last)
+            order = sorted(r["instruction_id_list"], key=lambda i: (i == WORDS, rng.random()))
+            for base, src in [(s, "undone") for s in outs] + [(template, "template")]:
+                for drop in order:
+                    cand = repair(base, r, drop)
+                    if cand and cand != chosen and n_passed(cand, r) < total and not length_only(chosen, cand):
+                        rejected, r_src = cand, src
+                        break
+                if rejected is not None:
+                    break
+        if rejected is None:
+            sources["skipped_no_rejected"] += 1
             continue
         sources[f"chosen_{c_src}"] += 1
         sources[f"rejected_{r_src}"] += 1
@@ -604,64 +1105,47 @@ def main() -> None:
         # A ranked list: rank = number of instructions failed (ties share a rank).
         candidates = list(dict.fromkeys([chosen] + outs))
         if len(ranked) < 20 and len(candidates) >= 3:
-            fails = [sum(not ok for ok in check_record(s, r["instruction_id_list"], r["kwargs"])) for s in candidates]
+            fails = [total - n_passed(s, r) for s in candidates]
             if len(set(fails)) > 1:
                 ranked.append({"prompt": r["prompt"], "responses": candidates, "ranks": fails})
 
-    # 4. RL and held-out prompts (prompt-only records).
+    # 4. Prompt-only records: RL, general (no instructions), held-out.
     def prompt_rows(rows: list[dict], prefix: str) -> list[dict]:
         return [{"id": f"{prefix}-{i:04d}", "prompt": r["prompt"], "instruction_id_list": r["instruction_id_list"],
                  "kwargs": r["kwargs"]} for i, r in enumerate(rows)]
 
-    # IFEval is for evaluation only: no training prompt may carry one (checked before anything is written).
-    hits = find_ifeval_prompts([r["prompt"] for r in sft_rows + prefs + ranked + rl_p])
-    assert not hits, f"IFEval prompts in the training data (row, IFEval key): {hits[:5]}"
-    write_jsonl(out / "sft.jsonl", sft_rows)
-    write_jsonl(out / "prefs.jsonl", prefs)
-    write_jsonl(out / "prefs_ranked.jsonl", ranked)
-    write_jsonl(out / "prompts.jsonl", prompt_rows(rl_p, "rl"))
-    write_jsonl(held_out / "heldout.jsonl", prompt_rows(held_p, "heldout"))
+    general_rows = [{"id": f"general-{i:04d}", "prompt": p, "instruction_id_list": [], "kwargs": []}
+                    for i, p in enumerate(general)]
+    files = {"sft.jsonl": sft_rows, "prefs.jsonl": prefs, "prefs_ranked.jsonl": ranked,
+             "prompts.jsonl": prompt_rows(rl_p, "rl"), "prompts_general.jsonl": general_rows}
+    held_rows = prompt_rows(held_p, "heldout")
 
-    # 5. The public IFEval subset, for evaluation only.
-    shared = ROOT.parent / "shared" / "ifeval" / "subset_supported.jsonl"
-    if shared.exists():
-        (ROOT / "eval" / "ifeval").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shared, ROOT / "eval" / "ifeval" / "subset_supported.jsonl")
-
+    # 5. Checks before anything is written: held-out coverage, disjointness, no IFEval prompt in training.
+    held_counts = check_heldout(held_rows, args.min_heldout_per_id)
+    check_prompts([(f"{name} row {i}", row["prompt"]) for name, rows in files.items()
+                   for i, row in enumerate(rows, start=1)], [r["prompt"] for r in held_rows])
+    for name, rows in files.items():
+        write_jsonl(out / name, rows)
+    write_jsonl(held_out / "heldout.jsonl", held_rows)
     check_disjoint(out, held_out)
-    stats = {"sft": len(sft_rows), "prefs": len(prefs), "prefs_ranked": len(ranked), "prompts": len(rl_p),
-             "heldout": len(held_p), **sources}
+
+    def id_counts(rows: list[dict]) -> dict:
+        c = Counter(i for r in rows for i in r["instruction_id_list"])
+        return {i: c[i] for i in ids}
+
+    stats = {
+        "out": str(out), "heldout_out": str(held_out),
+        "rows": {**{name.removesuffix(".jsonl"): len(rows) for name, rows in files.items()}, "heldout": len(held_rows)},
+        "pairs": dict(sorted(sources.items())),
+        "instructions_per_prompt": dict(sorted(Counter(len(r["instruction_id_list"])
+                                                       for r in rl_p + held_p).items())),
+        "phrasing_sources_train": dict(Counter(s for r in sft_p + pref_p + rl_p for s in r["sources"])),
+        "fixable_ids": len(fixable),
+        "ids": {"sft": id_counts(sft_rows), "prefs": id_counts(prefs), "prompts": id_counts(rl_p),
+                "heldout": {i: held_counts[i] for i in ids}},
+    }
     print(json.dumps(stats, indent=1))
-
-
-def training_text(out: Path) -> str:
-    """All training PROMPTS, lower-cased (responses are model text and may mention anything)."""
-    parts = []
-    for name in ("sft.jsonl", "prefs.jsonl", "prefs_ranked.jsonl", "prompts.jsonl"):
-        p = out / name
-        if p.exists():
-            parts += [json.loads(line)["prompt"] for line in p.read_text(encoding="utf-8").splitlines() if line]
-    return "\n".join(parts).lower()
-
-
-def check_disjoint(out: Path, held_out: Path) -> None:
-    """No held-out topic, framing or phrasing, and no IFEval prompt, occurs in any training prompt."""
-    text = training_text(out)
-    for t in HELDOUT_TOPICS:
-        assert t.lower() not in text, f"held-out topic {t!r} occurs in training data"
-    for iid, (_, held) in PHRASINGS.items():
-        for h in held:
-            stem = h.split("{")[0].strip().lower()
-            assert stem[:30] not in text, f"held-out phrasing {h!r} occurs in training data"
-    for task in HELDOUT_TASKS:
-        assert task.split("{")[0].strip().lower() not in text, f"held-out framing {task!r} in training data"
-    # The opening ten words of every one of IFEval's 541 prompts (pipeline/ifeval.py, DataError on a hit).
-    assert_no_ifeval_prompts([out / n for n in ("sft.jsonl", "prefs.jsonl", "prefs_ranked.jsonl", "prompts.jsonl")])
-    ifeval = ROOT / "eval" / "ifeval" / "subset_supported.jsonl"
-    if ifeval.exists():
-        for line in ifeval.read_text(encoding="utf-8").splitlines():
-            p = json.loads(line)["prompt"].lower()
-            assert p[:80] not in text, "an IFEval prompt occurs in training data"
+    return stats
 
 
 if __name__ == "__main__":
