@@ -8,11 +8,15 @@ project's one door to it:
 - `harness()`: the harness's `instructions_registry`, `instructions_util` and `utils` modules,
   imported without any network access (see the sentence tokenizer below). `pipeline.checkers` (the
   verifier reward and every pass rate) calls `utils.test_instruction_following_strict/_loose`.
-- `run_harness(...)`: the real harness run, `lm_eval.simple_evaluate(model="hf", ...)` on the
-  541 public prompts in `eval/ifeval/input_data.jsonl` (a local task config pointing the harness's
-  own `ifeval.yaml` at that file instead of the hub dataset `google/IFEval`), greedy decoding with
-  the model's chat template. `ifeval_set(...)` turns it into a prompt set of the eval stage's
-  `results.json`: prompt- and instruction-level accuracy, strict and loose, per-prompt verdicts.
+- `run_harness(...)`: the real harness run, `lm_eval.simple_evaluate(...)` on the 541 public
+  prompts in `eval/ifeval/input_data.jsonl` (a local task config pointing the harness's own
+  `ifeval.yaml` at that file instead of the hub dataset `google/IFEval`), greedy decoding with the
+  model's chat template. The harness builds the prompts, scores (`process_results`) and aggregates;
+  the text comes from `PipelineLM` (default), a harness `LM` whose `generate_until` runs the
+  project's batched greedy generation, or, with `backend="hf"`, from the harness's own `hf` model
+  (much slower on a CPU; kept for cross-checking). `ifeval_set(...)` turns it into a prompt set of
+  the eval stage's `results.json`: prompt- and instruction-level accuracy, strict and loose,
+  per-prompt verdicts, and which generator produced the responses.
 - `find_ifeval_prompts(...)` / `assert_no_ifeval_prompts(...)`: the training data must never carry
   an IFEval prompt (contamination guard used by `data/make_constraints.py`).
 
@@ -228,6 +232,210 @@ def assert_no_ifeval_prompts(files: Iterable[Path | str], ifeval_path: Path | st
 
 
 # --------------------------------------------------------------------------------------------
+# The generator: the harness's `LM` interface on the project's batched greedy generation
+# --------------------------------------------------------------------------------------------
+
+GENERATORS = ("pipeline", "hf")  # run_harness(backend=...): ours (default), or the harness's own HFLM
+DEFAULT_MAX_GEN_TOKS = 256  # the harness's default when a request names none (HFLM's `max_gen_toks`)
+_GREEDY_ONLY = {"top_k", "top_p"}  # sampling knobs with no effect on greedy decoding: accepted, ignored
+_LM_CLASS: Optional[type] = None
+
+
+def describe_generator(backend: str) -> str:
+    """One line for `results.json` (`sets.ifeval_harness.generation.generator`): what produced the text."""
+    if backend == "hf":
+        return ("lm-evaluation-harness `hf` model (HFLM): its own batched generate with stop-string stopping "
+                "criteria")
+    return ("pipeline.ifeval.PipelineLM: transformers `generate`, greedy, prompts sorted by token length in "
+            "left-padded batches, KV cache, decoding stops at EOS or max_gen_toks, the text cut at the first "
+            "`until` string")
+
+
+class _PipelineLMMethods:
+    """The body of `PipelineLM` (see `pipeline_lm`): an `lm_eval.api.model.LM` whose `generate_until`
+    runs the project's batched greedy generation (the eval stage's recipe: prompts sorted by length,
+    `batch_size` per left-padded batch, the KV cache, bf16 autocast where `Precision` says so), while the
+    harness keeps everything else: the prompt (`doc_to_text`, the chat template through
+    `apply_chat_template` below, exactly HFLM's call), the stop strings and `max_gen_toks` of each
+    request, `process_results` and the aggregation.
+
+    Decoding stops only at EOS (the tokenizer's, plus any in the model's generation config, as HFLM
+    stops at those) or after `max_gen_toks` tokens; the request's `until` strings (and the EOS text,
+    which the harness always adds) are applied afterwards, by cutting the decoded text at the first
+    occurrence (the harness's own `postprocess_generated_text`). The text is the same as HFLM's,
+    whose stopping criteria only end decoding early: greedy tokens before the stop string do not
+    depend on what comes after it. Greedy only: a request with `do_sample: true` or a temperature
+    above 0 is refused (use `backend="hf"`). Log-likelihood requests are not implemented (IFEval
+    only generates)."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 50, precision=None, name: str = "",
+                 progress: bool = True):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = max(1, int(batch_size))
+        self.precision = precision  # a models.Precision: bf16 autocast around generate when it says so
+        self.name = name or str(getattr(tokenizer, "name_or_path", "") or "model")
+        self.progress = progress
+        self._device = next(model.parameters()).device
+        eos = [tokenizer.eos_token_id]
+        extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos += list(extra) if isinstance(extra, (list, tuple)) else [extra]
+        self.eos_ids = [int(e) for e in dict.fromkeys(eos) if e is not None]
+        # What the run did, for results.json: prompts, batches, generated tokens, responses cut by max_gen_toks.
+        self.stats = {"prompts": 0, "batches": 0, "generated_tokens": 0, "hit_max_gen_toks": 0,
+                      "truncated_prompts": 0, "seconds": 0.0}
+
+    # ---- what the harness asks of a chat model (lm_eval/api/model.py, models/huggingface.py)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.tokenizer.name_or_path).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> Optional[str]:
+        if not chat_template:
+            return None
+        t = self.tokenizer.chat_template
+        if isinstance(t, dict):
+            return t.get(chat_template if isinstance(chat_template, str) else "default")
+        return t
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """HFLM's call: the tokenizer's template as text, the assistant turn opened (for one user
+        message this is `pipeline.data.render_prompt`, the eval stage's prompt)."""
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
+    def get_model_info(self) -> dict:
+        return {"model_name": self.name, "generator": "pipeline.ifeval.PipelineLM", "batch_size": self.batch_size,
+                "model_dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+                "autocast": bool(self.precision is not None and self.precision.autocast)}
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("PipelineLM only generates (generate_until); use backend='hf' for "
+                                  "log-likelihood tasks.")
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError("PipelineLM only generates (generate_until); use backend='hf' for "
+                                  "log-likelihood tasks.")
+
+    # ---- generation
+
+    def tok_encode(self, text: str) -> list[int]:
+        """HFLM's rule: no special tokens added when the text already starts with BOS (a chat template
+        that writes it), else the tokenizer's default."""
+        bos = self.tokenizer.bos_token
+        starts = bool(bos) and text.startswith(bos)
+        return self.tokenizer(text, add_special_tokens=not starts)["input_ids"]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """One response per request (`args` = (context, gen_kwargs)), in request order. Requests with
+        the same gen kwargs are generated together."""
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+        eos_text = self.tokenizer.decode([self.tokenizer.eos_token_id], skip_special_tokens=False)
+        out: list[Optional[str]] = [None] * len(requests)
+        for idx in groups.values():
+            kw = normalize_gen_kwargs(dict(requests[idx[0]].args[1]), DEFAULT_MAX_GEN_TOKS)
+            until = handle_stop_sequences(kw.pop("until", None), eos=eos_text)
+            max_gen_toks = int(kw.pop("max_gen_toks"))
+            if kw.pop("do_sample", False) or float(kw.pop("temperature", 0.0) or 0.0) > 0.0:
+                raise ValueError("PipelineLM decodes greedily; this task asks for sampling "
+                                 f"({requests[idx[0]].args[1]}). Run it with backend='hf'.")
+            unknown = sorted(set(kw) - _GREEDY_ONLY)
+            if unknown:
+                raise ValueError(f"PipelineLM: generation kwargs {unknown} are not supported (greedy decoding "
+                                 "with max_gen_toks and until only); run with backend='hf'.")
+            texts = self.generate_greedy([requests[i].args[0] for i in idx], max_gen_toks)
+            for i, text in zip(idx, texts):
+                s = postprocess_generated_text(text, until, None)
+                out[i] = s
+                self.cache_hook.add_partial("generate_until", requests[i].args, s)
+        return out  # type: ignore[return-value]
+
+    def generate_greedy(self, contexts: list[str], max_gen_toks: int) -> list[str]:
+        """Greedy continuations of already templated prompts, uncut (decoded without special tokens, up to
+        the first EOS or `max_gen_toks` tokens), in the order given."""
+        import contextlib
+
+        import torch
+
+        from .generation import left_pad
+        from .utils import log
+
+        t0 = time.time()
+        enc = [self.tok_encode(c) for c in contexts]
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit:  # HFLM's rule: keep the last (limit - max_gen_toks) prompt tokens
+            room = int(limit) - max_gen_toks
+            if room <= 0:
+                raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in the model's "
+                                 f"{limit} positions.")
+            cut = [i for i, e in enumerate(enc) if len(e) > room]
+            for i in cut:
+                enc[i] = enc[i][-room:]
+            if cut:
+                log(f"ifeval: {len(cut)} prompt(s) longer than {room} tokens kept their last {room} tokens.")
+            self.stats["truncated_prompts"] += len(cut)
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        every = max(1, -(-len(batches) // 10))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        gen_kwargs = dict(max_new_tokens=max_gen_toks, eos_token_id=self.eos_ids, pad_token_id=pad,
+                          do_sample=False, temperature=None, top_k=None, top_p=None, use_cache=True)
+        eos = set(self.eos_ids)
+        texts: list[str] = [""] * len(enc)
+        was_training = self.model.training
+        self.model.eval()
+        for b, idx in enumerate(batches):
+            input_ids, attn = left_pad([enc[i] for i in idx], pad, self._device)
+            autocast = self.precision.autocast_ctx() if self.precision is not None else contextlib.nullcontext()
+            with torch.no_grad(), autocast:
+                gen = self.model.generate(input_ids=input_ids, attention_mask=attn, **gen_kwargs)
+            for row, i in enumerate(idx):
+                toks = gen[row, input_ids.shape[1]:].tolist()
+                end = next((k for k, t in enumerate(toks) if t in eos), None)
+                if end is None:
+                    self.stats["hit_max_gen_toks"] += 1
+                    toks = [t for t in toks if t != pad]
+                else:
+                    toks = toks[:end]
+                self.stats["generated_tokens"] += len(toks) + (end is not None)
+                texts[i] = self.tokenizer.decode(toks, skip_special_tokens=True)
+            if self.progress and ((b + 1) % every == 0 or b + 1 == len(batches)):
+                log(f"ifeval: {self.name}: {sum(len(x) for x in batches[:b + 1])}/{len(enc)} prompts, batch "
+                    f"{b + 1}/{len(batches)}, {time.time() - t0:.0f}s")
+        if was_training:
+            self.model.train()
+        self.stats["prompts"] += len(enc)
+        self.stats["batches"] += len(batches)
+        self.stats["seconds"] = round(self.stats["seconds"] + time.time() - t0, 1)
+        return texts
+
+
+def pipeline_lm_class() -> type:
+    """`PipelineLM`: `_PipelineLMMethods` on the harness's `lm_eval.api.model.LM` (made on first use, after
+    `harness()` has settled the sentence tokenizer, so importing this module never imports the harness)."""
+    global _LM_CLASS
+    if _LM_CLASS is None:
+        harness()
+        from lm_eval.api.model import LM
+
+        _LM_CLASS = type("PipelineLM", (_PipelineLMMethods, LM), {"__module__": __name__,
+                                                                  "__doc__": _PipelineLMMethods.__doc__})
+    return _LM_CLASS
+
+
+def pipeline_lm(model, tokenizer, **kwargs):
+    """A `PipelineLM` on a loaded (model, tokenizer); kwargs: batch_size, precision (a `models.Precision`,
+    for its bf16 autocast), name, progress."""
+    return pipeline_lm_class()(model, tokenizer, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
 # The harness run
 # --------------------------------------------------------------------------------------------
 
@@ -254,28 +462,60 @@ def task_config(directory: Path, data_file: Path | str = IFEVAL_FILE) -> Path:
 
 def run_harness(model_path: str, *, limit: Optional[int] = None, max_gen_toks: Optional[int] = None,
                 batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
-                trust_remote_code: bool = False, data_file: Path | str = IFEVAL_FILE) -> dict:
-    """`lm_eval.simple_evaluate(model="hf", pretrained=model_path, tasks=[ifeval on data_file],
-    apply_chat_template=True)`, greedy; `max_gen_toks` None keeps the task's own (1280). Returns the
-    harness's output dict (`results`, `samples`, `configs`, ...)."""
+                trust_remote_code: bool = False, data_file: Path | str = IFEVAL_FILE,
+                backend: str = "pipeline", model_cfg=None, cpu_autocast: str = "auto") -> dict:
+    """`lm_eval.simple_evaluate(model=..., tasks=[ifeval on data_file], apply_chat_template=True)`, greedy;
+    `max_gen_toks` None keeps the task's own (1280). Returns the harness's output dict (`results`,
+    `samples`, `configs`, ...) plus `generator` (which model client generated, and its counters).
+
+    `backend="pipeline"` (default): a `PipelineLM` on the model loaded the pipeline's way
+    (`models.load_policy` with `model_cfg`, the recipe's model section, or one built from `device`,
+    `dtype`, `trust_remote_code`, `cpu_autocast`; `models.resolve_precision` decides bf16 autocast).
+    `backend="hf"`: the harness's own `hf` model (HFLM) on `model_path`, for cross-checking; slow on a CPU."""
+    if backend not in GENERATORS:
+        raise ValueError(f"run_harness: backend {backend!r} is not one of {', '.join(GENERATORS)}.")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     harness()  # the sentence tokenizer first, then the harness's imports (no download)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    lm = None
+    if backend == "pipeline":
+        import dataclasses
+
+        from .config import ModelConfig
+        from .models import load_policy, resolve_precision
+
+        cfg = (dataclasses.replace(model_cfg, name_or_path=model_path, device=device, dtype=dtype)
+               if model_cfg is not None else
+               ModelConfig(name_or_path=model_path, device=device, dtype=dtype, cpu_autocast=cpu_autocast,
+                           trust_remote_code=trust_remote_code))
+        precision = resolve_precision(cfg)
+        model, tok = load_policy(model_path, cfg, precision)
+        lm = pipeline_lm(model, tok, batch_size=batch_size, precision=precision, name=Path(model_path).name)
     with tempfile.TemporaryDirectory(prefix="rlhf-pipeline-ifeval-task-") as d:
         task_config(Path(d), data_file)
         tm = TaskManager(include_path=d, include_defaults=False)
         gen_kwargs = {"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None
+        if lm is not None:
+            model_kw: dict[str, Any] = {"model": lm}
+        else:
+            model_kw = {"model": "hf", "model_args": {"pretrained": model_path, "dtype": dtype,
+                                                      "trust_remote_code": trust_remote_code}}
         out = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={"pretrained": model_path, "dtype": dtype, "trust_remote_code": trust_remote_code},
-            tasks=[LOCAL_TASK], task_manager=tm, device=device, batch_size=batch_size, limit=limit,
+            **model_kw, tasks=[LOCAL_TASK], task_manager=tm, device=device, batch_size=batch_size, limit=limit,
             apply_chat_template=True, gen_kwargs=gen_kwargs, log_samples=True, bootstrap_iters=0,
         )
     if out is None:  # pragma: no cover - only on non-zero ranks of a distributed run
         raise RuntimeError("lm_eval.simple_evaluate returned nothing (not rank 0?)")
+    out["generator"] = {"backend": backend, "generator": describe_generator(backend)}
+    if lm is not None:
+        out["generator"].update(autocast="bfloat16" if lm.precision.autocast else None, stats=dict(lm.stats))
+        del lm, model
+        import gc
+
+        gc.collect()
     return out
 
 
@@ -306,12 +546,13 @@ def harness_metrics(out: dict) -> dict:
 
 def ifeval_set(models: list[tuple[str, str]], *, limit: Optional[int], max_gen_toks: Optional[int],
                batch_size: int, device: str, dtype: str, trust_remote_code: bool = False,
-               data_file: Path | str = IFEVAL_FILE) -> tuple[dict, list[dict]]:
+               data_file: Path | str = IFEVAL_FILE, backend: str = "pipeline",
+               model_cfg=None) -> tuple[dict, list[dict]]:
     """Run the harness for each (name, model path) and return (a prompt set of `results.json`, sample
     rows for `samples.jsonl`). The set has the eval stage's keys (`pass_rate` = prompt-level strict,
     `pass_rate_loose`, `instruction_pass_rate`, `instruction_pass_rate_loose`, `per_id`), the harness's
     own numbers under `harness`, per-prompt verdicts under `per_prompt`, and `paired` prompt-level tests
-    of each model against the one before it."""
+    of each model against the one before it. `backend`, `model_cfg`: see `run_harness`."""
     from .stages.eval import paired_pass_test, summarize_checks
 
     data_file = Path(data_file)
@@ -319,12 +560,18 @@ def ifeval_set(models: list[tuple[str, str]], *, limit: Optional[int], max_gen_t
     h = harness()
     per_model, per_prompt, seconds, samples = {}, {}, {}, []
     upstream_gen: dict = {}
+    generator: dict = {}
+    gen_stats: dict = {}  # PipelineLM's counters per model (prompts, batches, tokens, hit_max_gen_toks, seconds)
     for name, path in models:
         t0 = time.time()
         out = run_harness(path, limit=limit, max_gen_toks=max_gen_toks, batch_size=batch_size, device=device,
-                          dtype=dtype, trust_remote_code=trust_remote_code, data_file=data_file)
+                          dtype=dtype, trust_remote_code=trust_remote_code, data_file=data_file,
+                          backend=backend, model_cfg=model_cfg)
         seconds[name] = round(time.time() - t0, 1)
         upstream_gen = dict(out.get("configs", {}).get(LOCAL_TASK, {}).get("generation_kwargs", {}))
+        generator = {k: v for k, v in out["generator"].items() if k != "stats"}
+        if "stats" in out["generator"]:
+            gen_stats[name] = out["generator"]["stats"]
         rows = harness_verdicts(out)
         checks = [[{"id": i, "kwargs": kw, "strict": s, "loose": lo}
                    for i, kw, s, lo in zip(r["instruction_id_list"], r["kwargs"], r["strict"], r["loose"])]
@@ -354,10 +601,14 @@ def ifeval_set(models: list[tuple[str, str]], *, limit: Optional[int], max_gen_t
     result = {
         "file": shown, "sha256": _sha256(data_file), "n_prompts": n, "n_prompts_in_file": n_total,
         "comparable_to_published": n == n_total,
-        "scorer": f"lm-evaluation-harness {h.version}, task `{HARNESS_TASK}` (simple_evaluate, model=hf)",
+        "scorer": (f"lm-evaluation-harness {h.version}, task `{HARNESS_TASK}` (simple_evaluate, "
+                   + ("model=hf" if backend == "hf" else "model=PipelineLM") + ")"),
         "generation": {"decoding": "greedy", "chat_template": True, **upstream_gen,
                        "max_gen_toks": upstream_gen.get("max_gen_toks", max_gen_toks), "batch_size": batch_size,
-                       "device": device, "dtype": dtype},
+                       "device": device, "dtype": dtype, "backend": backend,
+                       "generator": generator.get("generator", describe_generator(backend)),
+                       **({"autocast": generator.get("autocast")} if backend == "pipeline" else {}),
+                       **({"per_model": gen_stats} if gen_stats else {})},
         "sentence_tokenizer": status,
         "seconds": seconds,
         "models": per_model,
@@ -374,6 +625,11 @@ def describe_set(s: dict) -> str:
     parts = [f"{SET_NAME}: {s.get('scorer')}", f"{s.get('n_prompts')} of {s.get('n_prompts_in_file')} prompts"
              + ("" if s.get("comparable_to_published") else " (a subset: not comparable with published IFEval)"),
              f"greedy with the chat template, max_gen_toks {g.get('max_gen_toks')}",
+             ("generated by the harness's `hf` model" if g.get("backend") == "hf" else
+              "generated by PipelineLM (the pipeline's batched greedy generation"
+              + (", bf16 autocast" if g.get("autocast") else "") + ")"
+              + "".join(f", {m}: {st['hit_max_gen_toks']} of {st['prompts']} responses reached max_gen_toks"
+                        for m, st in (g.get("per_model") or {}).items())),
              "sentence tokenizer " + ("NLTK punkt_tab" if s.get("sentence_tokenizer") == "punkt_tab" else
                                       "untrained Punkt fallback (punkt_tab missing: "
                                       + ", ".join(AFFECTED_BY_PUNKT) + " approximate)")]
@@ -398,7 +654,7 @@ def add_to_results(results: dict, flat: dict, recipe, models: list[tuple[str, st
     s, rows = ifeval_set(paths, limit=cfg.ifeval_limit, max_gen_toks=cfg.ifeval_max_gen_toks,
                          batch_size=cfg.batch_size, device=str(precision.device),
                          dtype=str(precision.dtype).replace("torch.", ""),
-                         trust_remote_code=recipe.model.trust_remote_code)
+                         trust_remote_code=recipe.model.trust_remote_code, model_cfg=recipe.model)
     results.setdefault("sets", {})[SET_NAME] = s
     results.setdefault("notes", []).append(describe_set(s))
     for name, m in s["models"].items():

@@ -129,7 +129,10 @@ def test_pipeline_eval_ifeval_runs_the_harness_offline(tiny_model_dir, tmp_path)
     assert s["generation"]["max_gen_toks"] == 4 and s["generation"]["do_sample"] is False
     assert s["generation"]["chat_template"] is True
     assert s["sentence_tokenizer"] in ("punkt_tab", "untrained-punkt")
-    assert s["scorer"].startswith("lm-evaluation-harness 0.4.13")
+    assert s["scorer"].startswith("lm-evaluation-harness 0.4.13") and "PipelineLM" in s["scorer"]
+    g = s["generation"]
+    assert g["backend"] == "pipeline" and "PipelineLM" in g["generator"] and g["batch_size"] == 3
+    assert all(st["prompts"] == 3 and st["generated_tokens"] <= 3 * 4 for st in g["per_model"].values())
     names = list(s["models"])
     assert len(names) == 2
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
