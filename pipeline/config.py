@@ -245,11 +245,48 @@ class OnPolicyConfig:
     # chunks of this many positions, so the (batch, tokens, vocabulary) logits never exist at once (the same
     # values and gradients; one extra output-layer matmul per chunk in backward). 0: off.
     logits_chunk_size: int = 0
+    # Behaviour log-probs: `recompute` (a training forward after sampling) or `sampler` (the sampler's own, one
+    # forward less; needs top_k 0, top_p 1.0 and the hf engine; PPO only). docs/implementation_details.md.
+    logprobs_from: Literal["recompute", "sampler"] = "recompute"
+    # Log the sampler-minus-recompute log-prob gap (`<stage>/logprobs_gap/*`) at the first and every Nth iteration; 0: never.
+    logprobs_gap_every: int = 5
+    # Rows (per process) of each iteration's batch that the gap is measured on.
+    logprobs_gap_rows: int = 4
     # Upload `<stage>/final/` (model card included; a LoRA adapter in its `adapter/` folder) to the Hub repo
     # `hub_model_id` once the stage has finished. Needs a write token (`hf auth login` or HF_TOKEN).
     push_to_hub: bool = False
     hub_model_id: Optional[str] = None
     hub_private: bool = True
+
+    def __post_init__(self) -> None:
+        problem = self.logprobs_from_problem()
+        if problem:
+            raise RecipeError(problem)
+
+    def logprobs_from_problem(self, section: Optional[str] = None) -> Optional[str]:
+        """Why `logprobs_from: sampler` cannot hold with the other settings (None: it can, or it is `recompute`).
+        The sampler records softmax(logits / temperature) over the whole vocabulary, the trainer's distribution;
+        top-k / top-p sample from a truncated one, so its log-probs would not be the behaviour policy's."""
+        if self.logprobs_from != "sampler":
+            return None
+        section = section or type(self).__name__.removesuffix("Config").lower()
+        key = f"`{section}.logprobs_from: sampler`"
+        if section == "distill":
+            return (f"{key} is not used by distillation (its behaviour log-probs come from the student's labelling "
+                    "forward, which it needs anyway); drop it or set `recompute`.")
+        truncated = []
+        if self.top_k > 0:
+            truncated.append(f"`{section}.top_k: {self.top_k}`")
+        if self.top_p < 1.0:
+            truncated.append(f"`{section}.top_p: {self.top_p}`")
+        if truncated:
+            return (f"{key} keeps the sampler's log-probs as the behaviour log-probs, but {' and '.join(truncated)} "
+                    "samples from a truncated distribution, not the temperature-scaled softmax the trainer computes. "
+                    f"Set `{section}.top_k: 0` and `{section}.top_p: 1.0`, or `{section}.logprobs_from: recompute`.")
+        if self.rollout_engine == "vllm":
+            return (f"{key}: the vLLM rollout engine does not return log-probs yet; set `{section}.rollout_engine: "
+                    f"hf` or `{section}.logprobs_from: recompute`.")
+        return None
 
 
 @dataclass
@@ -289,6 +326,8 @@ class PPOConfig(OnPolicyConfig):
 class KeepLayersConfig:
     # `every_2nd`, `every_3rd`, `first_K` (e.g. first_10), or an explicit list of layer indices.
     keep_layers: Union[str, list[int]] = "every_3rd"
+    # The kept layers next to a removed block (the cut's seams) train at lr * this; the others at lr. 1.0: off.
+    neighbour_lr_scale: float = 1.0
 
 
 @dataclass
@@ -317,13 +356,21 @@ class DistillConfig(OnPolicyConfig):
     divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
     jsd_beta: float = 0.5
     estimator: Literal["full", "sampled"] = "full"
+    # Adds coef * KL(teacher || student) over the teacher's top-k tokens plus one bucket for the rest of the
+    # mass (`rl.losses.topk_forward_kl`) to the divergence; full estimator only. 0: off.
+    topk_forward_kl_coef: float = 0.0
+    topk_forward_kl_k: int = 32  # k of that term: the teacher's most likely tokens at each state
     # Optional warm-up before the mixture iterations: `warmup_iterations` batches of fixed demonstrations
     # (prompt + completion rows, e.g. the SFT data) whose states the teacher labels; no sampling, so a
     # batch costs a fraction of a sampled one (GKD's supervised part). Divergence: `warmup_divergence`,
     # default `divergence`. Full estimator only. A warm-up batch holds rollout_batch_size demonstrations.
+    # `warmup_divergence: cross_entropy`: SFT on the demonstrations' tokens (hard labels, no teacher forward).
     warmup_data: Optional[DataRef] = None
     warmup_iterations: int = 0
-    warmup_divergence: Optional[Literal["reverse_kl", "forward_kl", "jsd"]] = None
+    warmup_divergence: Optional[Literal["reverse_kl", "forward_kl", "jsd", "cross_entropy"]] = None
+    # More prompt files mixed into `prompts` (one pool, sampled alike), e.g. general prompts whose rows have no
+    # (or an empty) instruction_id_list; the pass rate counts the rows with instructions only.
+    extra_prompts: list[DataRef] = field(default_factory=list)
     heldout_prompts: Optional[DataRef] = None
     # Prompts per generate call in the held-out evaluation (default: rollout_batch_size). Larger batches
     # mean fewer sequential decode steps; greedy answers do not depend on it.

@@ -69,7 +69,7 @@ DATA_KEYS = {
     "sft": ("data", "eval_data"),
     "reward": ("data", "eval_data", "norm_prompts"),
     "ppo": ("prompts",),
-    "distill": ("prompts", "heldout_prompts", "warmup_data"),
+    "distill": ("prompts", "heldout_prompts", "warmup_data", "extra_prompts"),
     "eval": ("prompts",),
 }
 STAGE_COLUMNS = {

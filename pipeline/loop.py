@@ -38,7 +38,10 @@ from .checkpoint import (
 )
 from .config import OnPolicyConfig, RecipeError
 from .distributed import mean_across_processes, process_split
-from .onpolicy import Generation, OptimizerSet, RolloutBatch, Throughput, UpdateSettings, Updater, chunk_seed, optimise
+from .onpolicy import (
+    Generation, OptimizerSet, RolloutBatch, Throughput, UpdateSettings, Updater, chunk_seed, engine_returns_logprobs,
+    optimise,
+)
 from .rollout_vllm import rollout_engine
 from .utils import MetricsLogger, log, read_jsonl
 
@@ -122,6 +125,9 @@ def check_loop_config(cfg: OnPolicyConfig, section: str) -> None:
                           f"got {cfg.generation_batch_size}.")
     if cfg.iterations < 0 or cfg.epochs < 1 or cfg.minibatch_size < 1 or cfg.micro_batch_size < 1:
         raise RecipeError(f"`{section}`: iterations must be >= 0 and epochs, minibatch_size and micro_batch_size >= 1.")
+    problem = cfg.logprobs_from_problem(section)  # also refused when the recipe is read (config.OnPolicyConfig)
+    if problem:
+        raise RecipeError(problem)
 
 
 def train(algo: OnPolicyAlgorithm, stage_dir: Path, seed: int = 0, accelerator=None,
@@ -132,6 +138,11 @@ def train(algo: OnPolicyAlgorithm, stage_dir: Path, seed: int = 0, accelerator=N
     check_loop_config(cfg, name)
     stage_dir = Path(stage_dir)
     engine = rollout_engine(cfg.rollout_engine, _device(algo), f"{name}.rollout_engine")
+    if cfg.logprobs_from == "sampler" and not engine_returns_logprobs(engine):  # e.g. `auto` resolved to vLLM
+        raise RecipeError(f"`{name}.logprobs_from: sampler` keeps the rollout engine's log-probs, but "
+                          f"`{name}.rollout_engine: {cfg.rollout_engine}` resolved to an engine that returns none "
+                          f"(vLLM's are not wired yet); set `{name}.rollout_engine: hf` or "
+                          f"`{name}.logprobs_from: recompute`.")
     world, rank = process_split(accelerator, name, rollout_batch_size=cfg.rollout_batch_size,
                                 minibatch_size=cfg.minibatch_size)
     proc = Process(accelerator, world, rank)

@@ -441,6 +441,27 @@ def choose_layers(teacher, keep_layers, calibration: Optional[tuple[Tensor, Tens
     return keep
 
 
+def cut_neighbours(kept: list[int], n_layers: int) -> list[int]:
+    """The student's indices of its layers next to a removed block of the teacher: for each run of removed
+    teacher layers, the kept layer just before it and the kept layer just after it (the seams whose inputs or
+    outputs changed when the block went). kept=[0, 1, 4, 5] of 6 -> [1, 2] (teacher layers 1 and 4)."""
+    kept_set = set(kept)
+    return [i for i, layer in enumerate(kept)
+            if (layer > 0 and layer - 1 not in kept_set) or (layer < n_layers - 1 and layer + 1 not in kept_set)]
+
+
+def decoder_layer_parameters(model, indices: list[int]) -> list[torch.nn.Parameter]:
+    """The parameters (LoRA adapters included) of decoder layers `indices` of a causal LM, under any peft / DDP
+    wrapper."""
+    core = model
+    while hasattr(core, "module"):  # DDP
+        core = core.module
+    if hasattr(core, "get_base_model"):  # peft: the adapters sit inside the base model's layers
+        core = core.get_base_model()
+    _, layers = _decoder_layers(core, core.config.get_text_config().num_hidden_layers)
+    return [p for i in indices for p in layers[i].parameters()]
+
+
 def student_from_teacher(teacher, keep_layers, calibration: Optional[tuple[Tensor, Tensor]] = None) -> Any:
     """A new model of the teacher's class with the teacher's embeddings, final norm, lm_head and the kept
     decoder layers. The config is rebuilt for the kept layers (num_hidden_layers and every per-layer

@@ -4,7 +4,7 @@ State s_t = prompt + response tokens so far; action a_t = the next token; an epi
 at `max_new_tokens`. PPO and distillation differ only in how a rollout batch gets its rewards /
 advantages (or teacher labels) and in the per-minibatch loss; everything here serves both.
 
-    rollout:  sample_rows / sample_responses -> RolloutBatch(query, response, mask, ended)
+    rollout:  sample_rows / sample_responses -> RolloutBatch(query, response, mask, ended[, sampler_logprobs])
     forward:  response_logits / policy_logprobs / response_hidden (the training forward, left padding)
     update:   optimise(batch, loss_fn, updaters): epochs x shuffled minibatches x micro-batches,
               loss normalised by the minibatch's total counted tokens (gradient accumulation
@@ -61,6 +61,8 @@ class RolloutBatch:
     teacher_logits: Optional[Tensor] = None  # (B, T, V) distillation: the teacher's logits at each visited state
     rows: Optional[Tensor] = None  # (B,) each row's index in the rollout batch (kept by `index`: a loss can
                                    # record per-row figures from its own forward)
+    sampler_logprobs: Optional[Tensor] = None  # (B, T) log-probs of the sampled tokens under the sampling
+                                               # distribution, recorded during generation (0 after the first EOS)
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -190,35 +192,86 @@ def mask_after_eos(tokens: Tensor, eos_id: int) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, query_ids: Tensor, query_mask: Tensor, settings: SamplingSettings,
-                     autocast=None, greedy: bool = False,
-                     vocab_size: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample with the KV cache from left-padded prompts. -> (response_ids, response_mask, ended).
-    `vocab_size`: token ids >= it (padding rows of a larger embedding) are never sampled."""
+                     autocast=None, greedy: bool = False, vocab_size: Optional[int] = None,
+                     with_logprobs: bool = False) -> tuple[Tensor, ...]:
+    """Sample with the KV cache from left-padded prompts. -> (response_ids, response_mask, ended), and with
+    `with_logprobs` a fourth (B, T) float32 tensor: each sampled token's log-prob under softmax(logits /
+    temperature) over the vocabulary, as the sampler computed it (its forward, its precision), 0 after the first
+    EOS. That is the trainer's distribution (`policy_logprobs`) before top-k / top-p truncation, which act after
+    the record (`logprobs_from: sampler` refuses them). No (B, T, V) scores are kept: `_SampledLogprobs` holds
+    one step's (B, V) at a time. `vocab_size`: token ids >= it (padding rows of a larger embedding) are never
+    sampled."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper
+
+    if with_logprobs and greedy:
+        raise ValueError("sample_responses: with_logprobs records the sampling distribution; greedy has none")
     gen_model = unwrap_for_generation(model)
     was_training = gen_model.training
     gen_model.eval()
     kw = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
               pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    processors = []
     if vocab_size is not None:
-        from transformers import LogitsProcessorList
-
         # Never sample the padding rows of an embedding larger than the tokenizer (docs/implementation_details.md: padded vocabularies).
-        kw.update(logits_processor=LogitsProcessorList([_MaskPaddedVocab(vocab_size)]))
+        processors.append(_MaskPaddedVocab(vocab_size))
+    temperature = settings.temperature
+    recorder = None
+    if with_logprobs:
+        # transformers applies its own warpers (temperature, top-k, top-p) after the user's processors, so the
+        # temperature goes in here, before the record; top-k / top-p stay with generate (after the record).
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        temperature = None
+        recorder = _SampledLogprobs()
+        processors.append(recorder)
+    if processors:
+        kw.update(logits_processor=LogitsProcessorList(processors))
     if greedy:
         kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
     else:
-        kw.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k or None,
+        kw.update(do_sample=True, temperature=temperature, top_k=settings.top_k or None,
                   top_p=settings.top_p if settings.top_p < 1.0 else None)
     with (autocast or contextlib.nullcontext()):
         out = gen_model.generate(input_ids=query_ids, attention_mask=query_mask, **kw)
     if was_training:
         gen_model.train()
     response = out[:, query_ids.shape[1]:]
-    if response.shape[1] == 0:
+    sampled = response.shape[1] > 0
+    if not sampled:
         response = torch.full((query_ids.shape[0], 1), tokenizer.eos_token_id, device=query_ids.device)
     mask, ended = mask_after_eos(response, tokenizer.eos_token_id)
+    if with_logprobs:
+        logprobs = (torch.where(mask, recorder.result(response), 0.0) if sampled
+                    else torch.zeros(response.shape, dtype=torch.float32, device=response.device))
     response = torch.where(mask, response, torch.full_like(response, tokenizer.pad_token_id))
-    return response, mask, ended
+    return (response, mask, ended, logprobs) if with_logprobs else (response, mask, ended)
+
+
+class _SampledLogprobs:
+    """Logits processor, last of the user's list: at each step it keeps log_softmax of the scores it is given
+    (B, V), and at the next step gathers the token that step appended (`input_ids[:, -1]`), so one step's
+    distribution is held at a time. `result(response)` adds the last step's token. generate may run a few steps
+    past the end and drop them (transformers' deferred stop checks): only the first T records are kept."""
+
+    def __init__(self):
+        self.prev: Optional[Tensor] = None
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, input_ids[:, -1:].to(self.prev.device)).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def result(self, response: Tensor) -> Tensor:
+        T = response.shape[1]
+        steps = self.steps[:T]
+        if len(steps) == T - 1 and self.prev is not None:
+            steps.append(self.prev.gather(-1, response[:, T - 1:].to(self.prev.device)).squeeze(-1))
+        if len(steps) != T:
+            raise RuntimeError(f"recorded {len(self.steps) + (self.prev is not None)} sampling steps for "
+                               f"{T} sampled tokens")
+        return torch.stack(steps, dim=1).to(response.device)
 
 
 class _MaskPaddedVocab:
@@ -235,11 +288,21 @@ class _MaskPaddedVocab:
 
 
 def hf_sample(model, tokenizer, query_ids: Tensor, query_mask: Tensor, settings: SamplingSettings,
-              autocast=None, vocab_size: Optional[int] = None,
-              seed: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+              autocast=None, vocab_size: Optional[int] = None, seed: Optional[int] = None,
+              with_logprobs: bool = False) -> tuple[Tensor, ...]:
     """The `hf` rollout engine: `sample_responses` (transformers `generate`), under `seed` when given."""
     with seeded_rng(seed, query_ids.device):
-        return sample_responses(model, tokenizer, query_ids, query_mask, settings, autocast, vocab_size=vocab_size)
+        return sample_responses(model, tokenizer, query_ids, query_mask, settings, autocast, vocab_size=vocab_size,
+                                with_logprobs=with_logprobs)
+
+
+hf_sample.returns_logprobs = True  # see `engine_returns_logprobs`
+
+
+def engine_returns_logprobs(engine) -> bool:
+    """Whether a rollout engine can return the sampled tokens' log-probs (`with_logprobs=True`): engines say
+    so with a `returns_logprobs` attribute; one without it returns token ids only."""
+    return bool(getattr(engine, "returns_logprobs", False))
 
 
 def chunk_seed(*parts: int) -> int:
@@ -266,7 +329,9 @@ class Generation:
     """How one process samples its rows of the global rollout batch.
 
     `engine(model, tokenizer, query_ids, query_mask, settings, autocast, vocab_size, seed)` returns
-    (response_ids, response_mask, ended): `hf_sample`, or `rollout_vllm.VLLMEngine`. `chunk_size` rows
+    (response_ids, response_mask, ended): `hf_sample`, or `rollout_vllm.VLLMEngine`; an engine whose
+    `returns_logprobs` is true also takes `with_logprobs=True` and then returns the sampled tokens' log-probs
+    fourth (`sample_responses`). `chunk_size` rows
     per engine call (None: all at once). With `seed` (this iteration's), each chunk samples under
     `chunk_seed(seed, first row of the chunk in the global batch)`, so a row's sample does not depend on
     how the global batch is split over processes, as long as each process's share is a whole number of
@@ -286,13 +351,22 @@ class Generation:
 
 
 def sample_rows(model, tokenizer, rows: list, settings: SamplingSettings, device, generation: Generation,
-                seed: Optional[int] = None, autocast=None, vocab_size: Optional[int] = None) -> RolloutBatch:
+                seed: Optional[int] = None, autocast=None, vocab_size: Optional[int] = None,
+                with_logprobs: bool = False) -> RolloutBatch:
     """Encode prompt examples and sample one response each with the generation engine. -> RolloutBatch
-    without log-probs (the training forward recomputes them)."""
+    without behaviour log-probs (`logprobs`: the caller recomputes them or takes the sampler's); with
+    `with_logprobs`, `sampler_logprobs` holds the sampler's (the engine must return them)."""
     q, qm = encode_prompts(tokenizer, rows, device)
-    r, rm, ended = generation.engine(model, tokenizer, q, qm, settings, autocast, vocab_size, seed)
+    lp = None
+    if with_logprobs:
+        if not engine_returns_logprobs(generation.engine):
+            raise ValueError(f"rollout engine {generation.engine!r} returns no log-probs")
+        r, rm, ended, lp = generation.engine(model, tokenizer, q, qm, settings, autocast, vocab_size, seed,
+                                             with_logprobs=True)
+    else:
+        r, rm, ended = generation.engine(model, tokenizer, q, qm, settings, autocast, vocab_size, seed)
     return RolloutBatch(query_ids=q, query_mask=qm, response_ids=r, response_mask=rm, logprobs=None, ended=ended,
-                        prompts=list(rows))
+                        prompts=list(rows), sampler_logprobs=lp)
 
 
 def unwrap_for_generation(model):
@@ -375,6 +449,23 @@ def recompute_logprobs(model, batch: RolloutBatch, temperature: float, micro_bat
     """Log-probs of the sampled tokens under `model`, in micro-batches, with the training forward."""
     return in_micro_batches(model, batch, micro_batch_size, autocast, lambda mb: policy_logprobs(
         model, mb, temperature, vocab_size=vocab_size, chunk_size=chunk_size)[0])
+
+
+def logprobs_gap_due(it: int, every: int) -> bool:
+    """Whether iteration `it` (from 1) measures the sampler / recompute log-prob gap: the first and every
+    `every`-th; `every` 0: never."""
+    return every > 0 and (it == 1 or it % every == 0)
+
+
+@torch.no_grad()
+def logprobs_gap(sampler: Tensor, recomputed: Tensor, mask: Tensor) -> dict[str, float]:
+    """Sampler minus recompute log-probs over the counted response tokens: mean |gap|, max |gap|, mean gap
+    (docs/implementation_details.md: reading the gap). Empty when no token counts."""
+    mask = mask.bool()
+    if not mask.any():
+        return {}
+    d = (sampler.float() - recomputed.float())[mask]
+    return {"mean_abs": float(d.abs().mean()), "max_abs": float(d.abs().max()), "mean": float(d.mean())}
 
 
 @torch.no_grad()

@@ -171,6 +171,8 @@ RANGES: dict[type, dict[str, Range]] = {
         "checkpoint_every": _r(NONNEG, "iterations between checkpoints; 0: only on interruption"),
         "max_nonfinite_steps": _r(COUNT, "NaN/inf updates in a row before the stage stops"),
         "logits_chunk_size": _r(NONNEG, "positions per chunk of output-layer logits; 0: off (all at once)"),
+        "logprobs_gap_every": _r(NONNEG, "iterations between logged sampler / recompute log-prob gaps; 0: never"),
+        "logprobs_gap_rows": _r(COUNT, "rows per process the log-prob gap is measured on"),
     },
     PPOConfig: {
         "critic_lr": _r(POSITIVE, "the critic's learning rate"),
@@ -193,6 +195,11 @@ RANGES: dict[type, dict[str, Range]] = {
         "jsd_beta": _r(PROB, "the generalized JSD's mixture weight"),
         "warmup_iterations": _r(NONNEG, "warm-up batches on fixed demonstrations; 0: none"),
         "heldout_batch_size": _r(COUNT, "prompts per generate call in the held-out evaluation"),
+        "topk_forward_kl_coef": _r(NONNEG, "the weight of the top-k forward-KL term; 0: off"),
+        "topk_forward_kl_k": _r(COUNT, "the teacher's top tokens in the top-k forward-KL term"),
+    },
+    KeepLayersConfig: {
+        "neighbour_lr_scale": _r(POSITIVE, "the lr factor of the kept layers next to a removed block; 1.0: off"),
     },
     EvalConfig: {
         "max_new_tokens": _r(COUNT, "tokens per answer"),
@@ -338,6 +345,10 @@ def check_distill_config(cfg: DistillConfig, where: str) -> None:
     if cfg.warmup_iterations and cfg.estimator != "full":
         raise RecipeError(f"{where}: the warm-up on fixed demonstrations needs `distill.estimator: full` (the "
                           "sampled estimator weights tokens by the student's own sampling probabilities).")
+    if cfg.topk_forward_kl_coef > 0 and cfg.estimator != "full":
+        raise RecipeError(f"{where}: `distill.topk_forward_kl_coef: {cfg.topk_forward_kl_coef}` needs the teacher's "
+                          "logits at every state, which only `distill.estimator: full` keeps; use the full estimator "
+                          "or set the coefficient to 0.")
     if cfg.student.from_teacher is not None:
         check_keep_layers(cfg.student.from_teacher.keep_layers, None, where)
 

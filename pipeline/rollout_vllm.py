@@ -3,7 +3,8 @@
     ppo.rollout_engine / distill.rollout_engine: hf | vllm | auto
 
 `auto` picks vLLM when `import vllm` works and the run is on a CUDA device, else `hf`. Only the sampled
-token ids come back from an engine: the log-probs of every sampled token are always recomputed by our
+token ids come back from the vLLM engine (the `hf` engine can also return their log-probs, for
+`logprobs_from: sampler`): the log-probs of every sampled token are recomputed by our
 own training forward (`onpolicy.recompute_logprobs`, `distill.label_states`), so the engine's numerics
 (kernels, bf16, its own temperature handling) never enter the losses; a mismatch between the engine's and
 the trainer's distributions only makes the rollouts slightly off-policy, which the PPO ratio sees.
@@ -93,7 +94,12 @@ def _vllm_model(llm):
 
 class VLLMEngine:
     """Samples with vLLM; one `vllm.LLM` per model object, weights synced before each rollout of a model
-    that has trainable parameters. Same call and return shapes as `onpolicy.hf_sample`."""
+    that has trainable parameters. Same call and return shapes as `onpolicy.hf_sample`, without the sampled
+    tokens' log-probs (`returns_logprobs` False: `logprobs_from: sampler` is refused with this engine and
+    the log-prob gap is not logged; vLLM's `SamplingParams(logprobs=0)` would give them, from raw logits
+    unless the engine runs with processed log-probs, so that path needs a GPU test first)."""
+
+    returns_logprobs = False
 
     def __init__(self):
         self._llms: dict[int, object] = {}
@@ -126,8 +132,11 @@ class VLLMEngine:
                 core.unmerge_adapter()
 
     def __call__(self, model, tokenizer, query_ids: Tensor, query_mask: Tensor, settings: SamplingSettings,
-                 autocast=None, vocab_size: Optional[int] = None,
-                 seed: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+                 autocast=None, vocab_size: Optional[int] = None, seed: Optional[int] = None,
+                 with_logprobs: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        if with_logprobs:
+            raise NotImplementedError("rollout_engine vllm does not return the sampled tokens' log-probs yet "
+                                      "(`logprobs_from: sampler`); use rollout_engine: hf or logprobs_from: recompute.")
         from vllm import SamplingParams
 
         from .onpolicy import chunk_seed

@@ -84,6 +84,8 @@ def validate_data(recipe: Recipe, stages: list[str] | None = None) -> list[str]:
             if stage == "distill":
                 check(stage, "heldout_prompts", sec.heldout_prompts, lambda r, s: len(prompt_examples(r, s)))
                 check(stage, "warmup_data", sec.warmup_data, lambda r, s: len(sft_examples(r, s)))
+                for i, spec in enumerate(sec.extra_prompts):
+                    check(stage, f"extra_prompts[{i}]", spec, lambda r, s: len(prompt_examples(r, s)))
         elif stage == "eval":
             for i, spec in enumerate(sec.prompts):
                 check(stage, f"prompts[{i}]", spec, lambda r, s: len(prompt_examples(r, s)))

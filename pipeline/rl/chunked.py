@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ __all__ = [
     "LMHead",
     "causal_lm_hidden",
     "chunked_divergence",
+    "chunked_divergences",
     "chunked_token_logprobs",
     "output_head",
 ]
@@ -187,6 +188,24 @@ def chunked_divergence(
     w.r.t. the student side only.
     """
     fn = _divergence_fn(kind, jsd_beta)
+    return chunked_divergences(student_hidden, student_head, teacher, [fn], teacher_head, temperature, chunk_size,
+                               vocab_size)[0]
+
+
+def chunked_divergences(
+    student_hidden: Tensor,
+    student_head: Head,
+    teacher: Tensor,
+    fns: Sequence[Callable[..., Tensor]],
+    teacher_head: Optional[Head] = None,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = 0,
+    vocab_size: Optional[int] = None,
+) -> list[Tensor]:
+    """Several per-token divergences from the same chunks of logits: each of `fns`, called as
+    fn(student_logits, teacher_logits, temperature=temperature) on (1, n, V) logits -> (1, n), is applied to
+    every chunk, so each chunk's logits are made once (and once more in backward) for all of them, e.g. the
+    main divergence and `losses.topk_forward_kl`. Inputs as `chunked_divergence`. -> one (B, T) per fn."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     s_flat = _flat(student_hidden, "student_hidden")
@@ -195,7 +214,7 @@ def chunked_divergence(
     if tuple(teacher.shape[:2]) != tuple(shape):
         raise ValueError(f"teacher {tuple(teacher.shape[:2])} and student {tuple(shape)} (batch, tokens) differ")
     if s_flat.shape[0] == 0:
-        return _empty(shape, student_hidden)
+        return [_empty(shape, student_hidden) for _ in fns]
 
     def teacher_logits(s: int, e: int) -> Tensor:
         if teacher_head is None:
@@ -205,11 +224,12 @@ def chunked_divergence(
             return _logits(teacher_head, t_flat[s:e], vocab_size, "teacher_head")
 
     def chunk(s: int, e: int):
-        zs = _logits(student_head, s_flat[s:e], vocab_size, "student_head")
-        zt = _no_dead_rows(teacher_logits(s, e))
-        return (fn(zs.unsqueeze(0), zt.unsqueeze(0), temperature=temperature)[0],)
+        zs = _logits(student_head, s_flat[s:e], vocab_size, "student_head").unsqueeze(0)
+        zt = _no_dead_rows(teacher_logits(s, e)).unsqueeze(0)
+        return tuple(fn(zs, zt, temperature=temperature)[0] for fn in fns)
 
-    return _cat([o[0] for o in _run(chunk, s_flat.shape[0], chunk_size)], shape)
+    outs = _run(chunk, s_flat.shape[0], chunk_size)
+    return [_cat([o[i] for o in outs], shape) for i in range(len(fns))]
 
 
 # ------------------------------------------------------------------------------------ models

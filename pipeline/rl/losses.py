@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from pipeline.rl.kl import forward_kl_full, generalized_jsd_full, kl_penalty, reverse_kl_full
+from pipeline.rl.kl import _row_divergence, forward_kl_full, generalized_jsd_full, kl_penalty, reverse_kl_full
 from pipeline.rl.masks import masked_mean, masked_sum, masked_var
 
 Tensor = torch.Tensor
@@ -144,6 +144,44 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, d
     n_tokens, the per-token divergence (B, T)). `n_tokens` counts the whole minibatch (optimise)."""
     per_token = divergence_fn(divergence, jsd_beta)(student_logits, teacher_logits.detach(), temperature=temperature)
     return masked_sum(per_token, mask.bool()) / n_tokens, per_token
+
+
+def _topk_forward_kl_rows(logp_s: Tensor, logp_t: Tensor, k: int) -> Tensor:
+    """(T, V) log-probs of student and teacher -> (T,) KL(teacher || student) over the teacher's top-k tokens
+    plus one bucket for the rest of the vocabulary."""
+    k = min(k, logp_t.shape[-1])
+    top_t, idx = logp_t.topk(k, dim=-1)  # (T, k) the teacher's k most likely tokens
+    top_s = logp_s.gather(-1, idx)
+    q = top_t.exp()
+    kl = (q * torch.where(q > 0, top_t - top_s, torch.zeros((), dtype=q.dtype, device=q.device))).sum(-1)
+    if k == logp_t.shape[-1]:  # no tail: the top-k KL is the forward KL over the whole vocabulary
+        return kl
+    # The tail's log mass, 1 - (sum of the top k), as a logsumexp over the other tokens (exact; no cancellation
+    # in 1 - sum when the top k hold nearly all the mass). Teacher: its own tail; student: its mass off those k.
+    out = torch.zeros((), dtype=logp_t.dtype, device=logp_t.device)
+    tail_t = logp_t.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    tail_s = logp_s.scatter(-1, idx, float("-inf")).logsumexp(-1)
+    has_tail = torch.isfinite(tail_t)  # a teacher with all its mass on the top k: the bucket adds 0
+    tail_t = torch.where(has_tail, tail_t, out)
+    return kl + torch.where(has_tail, tail_t.exp() * (tail_t - tail_s), out)
+
+
+def topk_forward_kl(student_logits: Tensor, teacher_logits: Tensor, k: int, temperature: float = 1.0) -> Tensor:
+    """Forward KL(teacher || student) over k + 1 outcomes at each state: the teacher's k most likely tokens
+    and one bucket for the rest. (B, T, V) x2 -> (B, T) float32 (float64 stays float64).
+
+    Teacher: q_i = p_t(v_i) for its top-k tokens v_1..v_k, q_tail = 1 - sum_i q_i; student: s_i = p_s(v_i),
+    s_tail = 1 - sum_i s_i (its mass on every other token). KL = sum_i q_i log(q_i / s_i) + q_tail log(q_tail /
+    s_tail) <= the full forward KL (a coarser partition, the log-sum inequality). Gradient w.r.t. the student's
+    logits: p_s(v) - q_v on the top-k tokens, p_s(v) (1 - q_tail / s_tail) on the others. Both distributions
+    at `temperature`, as the main divergence. Top-k teacher probabilities alone are a biased, unnormalised target
+    (sparse knowledge distillation, Anshumann et al. 2025, "Sparse Logit Sampling", arXiv:2503.16870); the tail
+    bucket keeps the k + 1 outcomes a distribution, so the student is also told how much mass to leave off the
+    teacher's top tokens."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return _row_divergence(student_logits, teacher_logits.detach(), temperature,
+                           lambda s, t: _topk_forward_kl_rows(s, t, k))
 
 
 def sampled_rewards(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> Tensor:

@@ -5,28 +5,32 @@
 
 What distillation supplies to the loop:
   warm-up (`warmup_iterations`, `warmup_data`): fixed demonstrations whose every state the teacher labels,
-    trained on with the full estimator and `warmup_divergence`; no sampling (GKD's supervised part);
+    trained on with the full estimator and `warmup_divergence`; no sampling (GKD's supervised part); or, with
+    `warmup_divergence: cross_entropy`, plain SFT on the demonstrations' tokens (no teacher forward);
   collect: beta_i from the schedule; a rollout of the mixture pi_i = beta_i * teacher + (1 - beta_i) * student,
     mixed per sequence (a seeded coin per row; `from_teacher` says which); the teacher's logits at every
     visited state (what each token earns);
   loss: `estimator: full`, the exact divergence over the vocabulary at each visited state (reverse_kl, mode
-    seeking; forward_kl, mode covering; jsd); or `estimator: sampled`, the sampled-token reverse-KL estimate
-    as a per-token reward with discount 0 in PPO's clipped loss (GKD; Thinking Machines' "On-Policy Distillation").
+    seeking; forward_kl, mode covering; jsd), plus `topk_forward_kl_coef` x the forward KL over the teacher's
+    top-k tokens and a tail bucket (`rl.losses.topk_forward_kl`); or `estimator: sampled`, the sampled-token
+    reverse-KL estimate as a per-token reward with discount 0 in PPO's clipped loss (GKD; Thinking Machines'
+    "On-Policy Distillation").
 Then the student is saved to `final/`; `distill_eval.heldout_eval` compares it with its teacher on held-out prompts.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from ..config import DistillConfig, Recipe
+from ..config import DistillConfig, Recipe, RecipeError
 from ..distributed import accelerate_precision, shard
 from ..loop import OnPolicyAlgorithm, Process, ddp_prepare, summarise, train
-from ..models import Precision, save_final
+from ..models import Precision, cut_neighbours, decoder_layer_parameters, save_final
 from ..onpolicy import (
     Generation, PromptSampler, RolloutBatch, SamplingSettings, Throughput, Updater, chunk_seed, concat_batches,
     demonstration_batch, expand_prompts, pass_rate, policy_logprobs, response_hidden, response_logits, sample_rows,
@@ -36,9 +40,11 @@ from ..preflight import check_distill_config as check_config
 from ..rlmodels import DistillModels
 from ..rlmodels import build_distill_models as build_models
 from ..rl import (
-    chunked_divergence, distill_loss, masked_sum, mixture_beta, mixture_coins, sampled_rewards, student_state_figures, logprobs_from_logits,
-    masked_mean, policy_loss
+    distill_loss, divergence_fn, masked_sum, mixture_beta, mixture_coins, sampled_rewards, student_state_figures,
+    logprobs_from_logits, masked_mean, policy_loss
 )
+from ..rl.chunked import chunked_divergences
+from ..rl.losses import topk_forward_kl
 from ..utils import MetricsLogger, atomic_write_json, log
 
 Tensor = torch.Tensor
@@ -55,24 +61,38 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
     row's states are taken from this training forward (detached, at a row's first visit), so the rollout
     needs no separate no-grad student pass. Stats without the `distill/` prefix (the loop adds it)."""
     V = models.vocab_size
+    # The top-k forward KL (`topk_forward_kl_coef` > 0) is added to the divergence at every state: coef * its sum
+    # over counted tokens / n_tokens; logged as `topk_forward_kl` (its per-token mean, before the coefficient).
+    topk = functools.partial(topk_forward_kl, k=cfg.topk_forward_kl_k) if cfg.topk_forward_kl_coef > 0 else None
+
+    def with_topk(loss: Tensor, per_token: Tensor, term: Optional[Tensor], mb: RolloutBatch, n_tokens: float):
+        stats = {"divergence": masked_mean(per_token.detach(), mb.response_mask)}
+        if term is not None:
+            loss = loss + cfg.topk_forward_kl_coef * masked_sum(term, mb.response_mask.bool()) / n_tokens
+            stats["topk_forward_kl"] = masked_mean(term.detach(), mb.response_mask)
+        return loss, stats
 
     def full_loss(mb: RolloutBatch, n_tokens: float):
         if cfg.logits_chunk_size:
             return chunked_full_loss(mb, n_tokens)
         with precision.autocast_ctx():
             logits = response_logits(models.student, mb)[..., :V]
-        loss, per_token = distill_loss(logits, mb.teacher_logits[..., :V], mb.response_mask, cfg.divergence,
+        t_logits = mb.teacher_logits[..., :V]
+        loss, per_token = distill_loss(logits, t_logits, mb.response_mask, cfg.divergence,
                                        n_tokens, cfg.temperature, cfg.jsd_beta)
+        term = topk(logits, t_logits, temperature=cfg.temperature) if topk is not None else None
         if recorder is not None:
-            recorder.record(mb.rows, logits.detach(), mb.teacher_logits[..., :V])
-        return loss, {"divergence": masked_mean(per_token.detach(), mb.response_mask)}
+            recorder.record(mb.rows, logits.detach(), t_logits)
+        return with_topk(loss, per_token, term, mb, n_tokens)
 
     def chunked_full_loss(mb: RolloutBatch, n_tokens: float):
-        """The same loss from the student's hidden states, its logits made `logits_chunk_size` positions at a time."""
+        """The same loss from the student's hidden states, its logits made `logits_chunk_size` positions at a time
+        (one pass over the chunks for the divergence and the top-k term)."""
+        fns = [divergence_fn(cfg.divergence, cfg.jsd_beta)] + ([topk] if topk is not None else [])
         with precision.autocast_ctx():
             hidden, head = response_hidden(models.student, mb)
-            per_token = chunked_divergence(hidden, head, mb.teacher_logits, None, cfg.divergence, cfg.temperature,
-                                           cfg.logits_chunk_size, V, cfg.jsd_beta)
+            per_token, *term = chunked_divergences(hidden, head, mb.teacher_logits, fns, None, cfg.temperature,
+                                                   cfg.logits_chunk_size, V)
             if recorder is not None:
                 rows = max(1, cfg.logits_chunk_size // max(hidden.shape[1], 1))  # whole rows, about a chunk's positions
                 with torch.no_grad():
@@ -80,7 +100,7 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
                         recorder.record(mb.rows[s:s + rows], head(hidden[s:s + rows].detach())[..., :V],
                                         mb.teacher_logits[s:s + rows, :, :V])
         loss = masked_sum(per_token, mb.response_mask.bool()) / n_tokens
-        return loss, {"divergence": masked_mean(per_token.detach(), mb.response_mask)}
+        return with_topk(loss, per_token, term[0] if term else None, mb, n_tokens)
 
     def sampled_loss(mb: RolloutBatch, n_tokens: float):
         with precision.autocast_ctx():
@@ -90,6 +110,53 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
         return policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_coef, n_tokens)
 
     return full_loss if cfg.estimator == "full" else sampled_loss
+
+
+def make_cross_entropy_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision):
+    """`warmup_divergence: cross_entropy`: SFT on the demonstrations, -log p_student(token) at temperature 1 summed
+    over counted tokens / n_tokens (hard labels: no teacher). Stat `cross_entropy`: the mean per token."""
+
+    def ce_loss(mb: RolloutBatch, n_tokens: float):
+        with precision.autocast_ctx():
+            logprobs, _, _ = policy_logprobs(models.student, mb, 1.0, vocab_size=models.vocab_size,
+                                             chunk_size=cfg.logits_chunk_size)
+        mask = mb.response_mask.bool()
+        return -masked_sum(logprobs, mask) / n_tokens, {"cross_entropy": masked_mean(-logprobs.detach(), mask)}
+
+    return ce_loss
+
+
+def check_student_options(cfg: DistillConfig, where: str) -> None:
+    """The options of a cut student's training that must fit the rest of the settings."""
+    if cfg.topk_forward_kl_coef > 0 and cfg.estimator != "full":
+        raise RecipeError(f"{where}: `distill.topk_forward_kl_coef: {cfg.topk_forward_kl_coef}` needs the teacher's "
+                          "logits at every state, which only `distill.estimator: full` keeps; use the full estimator "
+                          "or set the coefficient to 0.")
+
+
+def student_param_groups(models: DistillModels, cfg: DistillConfig) -> list[dict]:
+    """The student's trainable parameters as AdamW param groups: all at `lr`, or, with
+    `student.from_teacher.neighbour_lr_scale` != 1, the layers next to a removed block
+    (`pipeline.models.cut_neighbours`) at lr * scale in a group of their own (`name: cut_neighbours`; the others
+    `name: rest`)."""
+    params = [p for p in models.student.parameters() if p.requires_grad]
+    ft = cfg.student.from_teacher
+    scale = ft.neighbour_lr_scale if ft is not None else 1.0
+    if scale == 1.0:
+        return [{"params": params, "lr": cfg.lr}]
+    if models.kept_layers is None:
+        raise ValueError("distill: student.from_teacher.neighbour_lr_scale needs the teacher layers the student "
+                         "kept (DistillModels.kept_layers)")
+    n_teacher = models.teacher.config.get_text_config().num_hidden_layers
+    seams = cut_neighbours(models.kept_layers, n_teacher)
+    near_ids = {id(p) for p in decoder_layer_parameters(models.student, seams)}
+    near = [p for p in params if id(p) in near_ids]
+    rest = [p for p in params if id(p) not in near_ids]
+    log(f"distill: student layers {seams} (teacher layers {[models.kept_layers[i] for i in seams]}) sit next to a "
+        f"removed block: lr {cfg.lr} x {scale}")
+    groups = [{"params": rest, "lr": cfg.lr, "name": "rest"},
+              {"params": near, "lr": cfg.lr * scale, "name": "cut_neighbours"}]
+    return [g for g in groups if g["params"]]
 
 
 # -- Collect: the mixture's rollouts and the teacher's labels --------------------------------------
@@ -234,9 +301,10 @@ def make_warmup_batch(models: DistillModels, rows: list, cfg: DistillConfig, pre
     -> (batch, {"stats", "texts"}) like `make_rollout` with the full estimator and no student pass."""
     tok, device = models.tokenizer, next(models.student.parameters()).device
     batch = demonstration_batch(tok, rows, cfg.max_new_tokens, device)
-    with timer.time("label"):
-        labels = label_states(models, batch, cfg.temperature, cfg.micro_batch_size, precision, student=False)
-    batch.teacher_logprobs, batch.teacher_logits = labels.teacher_logprobs, labels.teacher_logits
+    if cfg.warmup_divergence != "cross_entropy":  # cross_entropy: the demonstrations' own tokens, no teacher forward
+        with timer.time("label"):
+            labels = label_states(models, batch, cfg.temperature, cfg.micro_batch_size, precision, student=False)
+        batch.teacher_logprobs, batch.teacher_logits = labels.teacher_logprobs, labels.teacher_logits
     mask = batch.response_mask
     texts = tok.batch_decode([ids[m].tolist() for ids, m in zip(batch.response_ids, mask)], skip_special_tokens=True)
     stats = {"distill/warmup": 1.0, "distill/response_length": float(mask.sum(-1).float().mean()),
@@ -253,11 +321,14 @@ class Distill(OnPolicyAlgorithm):
     def __init__(self, models: DistillModels, prompts: list, cfg: DistillConfig, precision: Precision, seed: int = 0,
                  demonstrations: Optional[list] = None):
         check_config(cfg, "distill")
+        check_student_options(cfg, "distill")
         if cfg.warmup_iterations and not demonstrations:
             raise ValueError("distill: warmup_iterations > 0 needs demonstrations to warm up on")
         self.models, self.cfg, self.precision = models, cfg, precision
         self.warmup_iterations = cfg.warmup_iterations
-        self.warmup_cfg = replace(cfg, divergence=cfg.warmup_divergence or cfg.divergence)
+        self.warmup_ce = cfg.warmup_divergence == "cross_entropy"
+        self.warmup_cfg = replace(cfg, divergence=cfg.divergence if self.warmup_ce else
+                                  cfg.warmup_divergence or cfg.divergence)
         self.sampler = PromptSampler(prompts, seed)
         self.demo_sampler = PromptSampler(demonstrations, seed + 2) if cfg.warmup_iterations else None
         self.mixture = torch.Generator().manual_seed(seed + 1)  # the per-sequence teacher/student coins
@@ -268,8 +339,9 @@ class Distill(OnPolicyAlgorithm):
 
     def setup(self, proc: Process, seed: int) -> list[Updater]:
         self.proc = proc
-        params = [p for p in self.models.student.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, eps=1e-5, weight_decay=0.0)
+        groups = student_param_groups(self.models, self.cfg)
+        params = [p for g in groups for p in g["params"]]
+        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, eps=1e-5, weight_decay=0.0)
         ((self.models.student, opt),) = ddp_prepare(proc, (self.models.student, opt))
         return [Updater("student", opt, params, self.cfg.max_grad_norm)]
 
@@ -306,6 +378,9 @@ class Distill(OnPolicyAlgorithm):
                             shard(coins, rank, world), self.student_pass)
 
     def loss_fn(self, warmup, batch):
+        if warmup and self.warmup_ce:  # hard labels: no teacher logits, so no KL figures to record
+            self.recorder = None
+            return make_cross_entropy_loss_fn(self.models, self.cfg, self.precision)
         self.recorder = None if (self.student_pass and not warmup) else StateStats(batch)
         return make_loss_fn(self.models, self.warmup_cfg if warmup else self.cfg, self.precision, self.recorder)
 
@@ -331,7 +406,7 @@ class Distill(OnPolicyAlgorithm):
             source = "demonstration" if info["stats"].get("distill/warmup") else "teacher" if teacher else "student"
             out.append({"iteration": it, "prompt": ex["prompt"][-1]["content"] if isinstance(ex, dict) else str(ex),
                         "response": info["texts"][i], "from_teacher": teacher, "source": source,
-                        "reverse_kl_per_token": info["row_reverse_kl"][i]})
+                        "reverse_kl_per_token": info["row_reverse_kl"][i] if "row_reverse_kl" in info else None})
         return out
 
 
@@ -355,8 +430,9 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
     cfg: DistillConfig = recipe.distill
     stage_dir = Path(stage_dir)
     check_config(cfg, recipe.source or "<recipe>")
+    check_student_options(cfg, recipe.source or "<recipe>")
     precision, accelerator = accelerate_precision(recipe.model)
-    prompts = prompt_examples(load_rows(cfg.prompts), cfg.prompts)
+    prompts = prompt_pool(cfg, recipe.source or "<recipe>")
     spec = heldout_spec(cfg)
     heldout = prompt_examples(load_rows(spec), spec) if spec else None
     demos = sft_examples(load_rows(cfg.warmup_data), cfg.warmup_data) if cfg.warmup_iterations else None
@@ -385,10 +461,28 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
             "the held-out evaluation")
     accelerator.wait_for_everyone()  # the next stage starts when final/ and heldout.json are written
     return summary
+
+
+def prompt_pool(cfg: DistillConfig, where: str) -> list:
+    """The rollout prompts: `prompts` and then every file of `extra_prompts`, one pool (each row as likely as any
+    other). Rows may carry no instructions (no or an empty `instruction_id_list`): `pass_rate` skips them."""
+    from ..data import DataSpec, _spec_for, load_rows, prompt_examples
+
+    pool = prompt_examples(load_rows(cfg.prompts), cfg.prompts)
+    columns = {k: v for k, v in vars(cfg.columns).items() if v is not None} if cfg.columns is not None else {}
+    for i, ref in enumerate(cfg.extra_prompts):
+        # A recipe's data keys are DataSpecs (pipeline/data.py: DATA_KEYS); a plain path or DataSource is made one
+        # here, with the stage's column mapping, so its errors name `distill.extra_prompts[i]`.
+        spec = ref if isinstance(ref, DataSpec) else _spec_for(ref, "distill", f"extra_prompts[{i}]", columns, where)
+        pool += prompt_examples(load_rows(spec), spec)
+    return pool
+
+
 def summary_of(history: list[dict], cfg: DistillConfig, models: DistillModels, recipe: Recipe) -> dict:
     rows = cfg.rollout_batch_size * cfg.samples_per_prompt
     student = unwrap_for_generation(models.student)
-    keys = ("distill/loss", "distill/reverse_kl", "distill/forward_kl", "distill/pass_rate", "distill/tokens_per_s")
+    keys = ("distill/loss", "distill/reverse_kl", "distill/forward_kl", "distill/topk_forward_kl", "distill/pass_rate",
+            "distill/tokens_per_s")
     return {"teacher_from": recipe.resolve_model_ref(cfg.teacher_from),
             "student_layers": student.config.get_text_config().num_hidden_layers,
             "teacher_layers": models.teacher.config.get_text_config().num_hidden_layers,

@@ -4,10 +4,12 @@ as an algorithm of the one on-policy loop (`pipeline/loop.py`).
     pipeline run recipes/ppo.yaml            (or --stages ppo in any recipe)
 
 What PPO supplies to the loop:
-  collect: roll out the policy (each prompt `samples_per_prompt` times); recompute behaviour, reference and
-    value estimates with the training forward; score the responses (normalised RM score, the verifier, or a
-    weighted sum); per-token rewards r_t = -kl_coef * kl_t plus the score at the EOS token; advantages from
-    GAE with the critic, REINFORCE (reward-to-go minus the batch mean) or RLOO;
+  collect: roll out the policy (each prompt `samples_per_prompt` times); recompute behaviour (or keep the
+    sampler's, `logprobs_from: sampler`), reference and value estimates with the training forward; every
+    `logprobs_gap_every` iterations log the sampler-minus-recompute log-prob gap; score the responses
+    (normalised RM score, the verifier, or a weighted sum); per-token rewards r_t = -kl_coef * kl_t plus the
+    score at the EOS token; advantages from GAE with the critic, REINFORCE (reward-to-go minus the batch mean)
+    or RLOO;
   loss: the clipped surrogate, plus vf_coef x the clipped value loss of the critic;
   updaters: the policy and the critic each have their own optimizer, learning rate and gradient clip (as
     verl and OpenRLHF), so a fresh critic's large gradients never shrink the policy's step;
@@ -36,7 +38,8 @@ from ..loop import OnPolicyAlgorithm, Process, ddp_prepare, summarise, train
 from ..models import Precision, save_final
 from ..onpolicy import (
     Generation, PromptSampler, RolloutBatch, SamplingSettings, Throughput, Updater, check_prompt_lengths,
-    concat_batches, expand_prompts, pass_rate, policy_logprobs, recompute_logprobs, sample_rows, unwrap_for_generation,
+    concat_batches, engine_returns_logprobs, expand_prompts, logprobs_gap, logprobs_gap_due, pass_rate,
+    policy_logprobs, recompute_logprobs, sample_rows, unwrap_for_generation,
 )
 from ..rl import (
     AdaptiveKLController, FixedKLController, entropy_bonus, entropy_from_logits, explained_variance, gae, kl_loss,
@@ -55,22 +58,40 @@ from ..utils import MetricsLogger
 
 @torch.no_grad()
 def make_rollout(models: PPOModels, reward, examples: list, cfg: PPOConfig, kl_coef: float, precision: Precision,
-                 timer: Throughput, accelerator=None,
-                 generation: Optional[Generation] = None) -> tuple[RolloutBatch, dict]:
+                 timer: Throughput, accelerator=None, generation: Optional[Generation] = None,
+                 measure_gap: bool = False) -> tuple[RolloutBatch, dict]:
     """`examples`: this process's prompts; `generation`: engine, chunks and seeds (default: HF `generate`
-    on all rows at once, from the global RNG stream)."""
+    on all rows at once, from the global RNG stream). Behaviour log-probs: recomputed with the training forward,
+    or with `cfg.logprobs_from: sampler` the sampler's own (no recompute forward). `measure_gap`: also log the
+    sampler-minus-recompute gap on the first `cfg.logprobs_gap_rows` rows (`ppo/logprobs_gap/*`)."""
     tok, ac = models.tokenizer, precision.autocast_ctx
     gen = generation or Generation()
     rows, group = expand_prompts(examples, cfg.samples_per_prompt)
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    from_sampler = cfg.logprobs_from == "sampler"
+    # With `recompute`, the sampler's log-probs are recorded only for the gap, when the engine can give them.
+    record = from_sampler or (measure_gap and cfg.logprobs_gap_rows > 0 and engine_returns_logprobs(gen.engine))
     with timer.time("generate"):
-        batch = concat_batches([sample_rows(models.policy, tok, rows[s:e], settings, precision.device, gen, seed, ac())
+        batch = concat_batches([sample_rows(models.policy, tok, rows[s:e], settings, precision.device, gen, seed, ac(),
+                                            with_logprobs=record)
                                 for s, e, seed in gen.chunks(len(rows))], tok.pad_token_id)
     batch.group = group.to(batch.response_ids.device)
     mb = cfg.micro_batch_size
+    gap = {}
     with timer.time("score"):
         chunk = cfg.logits_chunk_size
-        batch.logprobs = recompute_logprobs(models.policy, batch, cfg.temperature, mb, ac(), chunk_size=chunk)
+        if from_sampler:
+            batch.logprobs = batch.sampler_logprobs  # one training forward less
+        else:
+            batch.logprobs = recompute_logprobs(models.policy, batch, cfg.temperature, mb, ac(), chunk_size=chunk)
+        if measure_gap and record and cfg.logprobs_gap_rows > 0:
+            n = min(cfg.logprobs_gap_rows, len(batch))
+            if from_sampler:  # the recompute forward on n rows, for the log only
+                recomputed = recompute_logprobs(models.policy, batch.index(torch.arange(n)), cfg.temperature, mb,
+                                                ac(), chunk_size=chunk)
+            else:
+                recomputed = batch.logprobs[:n]
+            gap = logprobs_gap(batch.sampler_logprobs[:n], recomputed, batch.response_mask[:n])
         with models.reference_ctx():
             batch.ref_logprobs = recompute_logprobs(models.ref_model, batch, cfg.temperature, mb, ac(), chunk_size=chunk)
         if models.critic is not None:
@@ -86,6 +107,7 @@ def make_rollout(models: PPOModels, reward, examples: list, cfg: PPOConfig, kl_c
     stats.update({"ppo/score": float(raw.mean()), "ppo/score_std": float(raw.std()) if len(raw) > 1 else 0.0,
                   "ppo/score_norm": float(scores.mean())})
     stats.update({f"ppo/score/{k}": float(v.float().mean()) for k, v in components.items()})
+    stats.update({f"ppo/logprobs_gap/{k}": v for k, v in gap.items()})
     rate = pass_rate(rows, texts)
     if rate is not None:
         stats["ppo/pass_rate"] = rate
@@ -227,7 +249,7 @@ class PPO(OnPolicyAlgorithm):
     def collect(self, it, warmup, generation, timer):
         examples = shard(self.sampler.next(self.cfg.rollout_batch_size), self.proc.rank, self.proc.world)
         return make_rollout(self.models, self.reward, examples, self.cfg, self.kl_ctl.value, self.precision, timer,
-                            self.proc.accelerator, generation)
+                            self.proc.accelerator, generation, logprobs_gap_due(it, self.cfg.logprobs_gap_every))
 
     def loss_fn(self, warmup, batch):
         return make_loss_fn(self.models, self.cfg, self.kl_ctl, self.precision, train_policy=not warmup)
