@@ -41,3 +41,49 @@ def print_ratio_table(rows: list[tuple[str, str, str]], ours: Optional[dict], th
         b_s = fmt.format(b) if b is not None else "-"
         ratio = f"{a / b:.2f}" if a is not None and b else "-"
         print(f"{label:<{width}}{a_s:>10}{b_s:>10}{ratio:>10}")
+
+
+# --------------------------------------------------------------------------------------------
+# The two settings every comparison runs (`--settings equal|best|both`)
+# --------------------------------------------------------------------------------------------
+
+SETTINGS_HELP = ("equal: fp32 on both sides, our defaults otherwise; best: each side's fastest settings that keep "
+                 "the math (bf16 autocast where this CPU has native bf16, and ours' logits chunking and sampler "
+                 "log-probs where the code has them); both (default): one table each")
+BEST_LOGITS_CHUNK = 256  # positions per output-layer chunk in the `best` setting (`logits_chunk_size`)
+
+
+def add_settings_arg(ap) -> None:
+    ap.add_argument("--settings", default="both", choices=["equal", "best", "both"], help=SETTINGS_HELP)
+
+
+def settings_list(choice: str) -> list[str]:
+    return ["equal", "best"] if choice == "both" else [choice]
+
+
+def best_bf16() -> bool:
+    """bf16 autocast in the `best` setting: on a CPU with AMX-BF16 / AVX512-BF16 (`cpu_has_native_bf16`), where it
+    is faster than fp32; elsewhere bf16 on CPU is emulated and slower, so `best` stays fp32 on both sides."""
+    from pipeline.models import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
+def has_field(cls, name: str) -> bool:
+    """Whether config dataclass `cls` has field `name` (so a bench runs on versions before and after it)."""
+    import dataclasses
+
+    return any(f.name == name for f in dataclasses.fields(cls))
+
+
+def best_onpolicy_kwargs(cls, logits_chunk_size: int = BEST_LOGITS_CHUNK, sampler_logprobs: bool = True) -> dict:
+    """Our on-policy config's speed options for the `best` setting, each only where `cls` has the field: the output
+    layer in chunks (`logits_chunk_size`) and, with `sampler_logprobs` (PPO; distillation rejects it, its
+    labelling forward gives those log-probs anyway), behaviour log-probs taken from the sampler
+    (`logprobs_from: sampler`) instead of a recomputing forward."""
+    kw = {}
+    if has_field(cls, "logits_chunk_size"):
+        kw["logits_chunk_size"] = logits_chunk_size
+    if sampler_logprobs and has_field(cls, "logprobs_from"):
+        kw["logprobs_from"] = "sampler"
+    return kw

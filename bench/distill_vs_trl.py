@@ -3,6 +3,7 @@
     python bench/distill_vs_trl.py                         # 8 steps, batch 4, 32 new tokens (a few minutes)
     python bench/distill_vs_trl.py --steps 30 --batch 16 --max-new-tokens 64 --json bench/results/distill.json
     python bench/distill_vs_trl.py --only ours             # or --only trl
+    python bench/distill_vs_trl.py --settings best         # or equal; default both (one table each)
 
 Ours = the `distill` stage's loop (`stages.distill.build_models` + `train_distill`, on the shared RL core:
 rollout -> teacher labels every visited state -> `onpolicy.optimise`). Theirs = TRL's `DistillationTrainer`
@@ -14,7 +15,7 @@ Matched on both sides:
   - teacher: the default model (SmolLM2-135M-Instruct, the cached safetensors directory), fp32, frozen;
   - student: the teacher's embeddings, final norm, lm_head and the decoder layers `--keep-layers` keeps
     (default every_2nd: 15 of 30), built by `stages.distill.student_from_teacher` on both sides, so both
-    start from identical weights; full fine-tuning, fp32, no autocast (ours: cpu_autocast off; TRL: bf16 off),
+    start from identical weights; full fine-tuning, fp32 weights, the precision of each setting (below),
     no gradient checkpointing (TRL's default turns it on; turned off here), dropout off;
   - divergence: on-policy reverse KL(student || teacher) over the full vocabulary at every response token,
     summed over response tokens / response tokens in the batch. Ours: beta 0 (every sequence sampled by
@@ -28,12 +29,23 @@ Matched on both sides:
     = batch; TRL: per_device_train_batch_size = batch, gradient_accumulation_steps 1), AdamW with the same
     lr, betas (0.9, 0.999), eps 1e-5, weight decay 0, constant lr (no warm-up), gradient clipping at 1.0;
     `--steps` steps.
+Settings (`--settings`, default both, one table each, all in this one run):
+  equal: fp32 with no autocast on both sides (ours: cpu_autocast off; TRL: bf16 off), our defaults otherwise
+    (logits_chunk_size 0: ours materialises the logits);
+  best: each side's fastest settings that keep the math. Ours: bf16 autocast on a CPU with native bf16
+    (AMX-BF16 / AVX512-BF16, `pipeline.models.cpu_has_native_bf16`), else fp32; `logits_chunk_size` 256
+    (the divergence from the hidden states through the lm_head in chunks of positions); `logprobs_from` stays
+    at its default (distillation takes the student's log-probs from its labelling forward, which it runs anyway).
+    TRL's: on the same CPUs, `bf16=True` (with `use_cpu=True`) and its whole `train()` under
+    torch.autocast(cpu, bf16), so its generation and teacher forwards get bf16 as ours do; it already
+    chunks the vocabulary (below). On a CPU without native bf16 both sides stay fp32.
+  The held-out evaluation runs in fp32 with no autocast in both settings, on every student.
 Known differences in the work done, not equalised (they are part of what is compared):
   - ours runs a no-grad "label" pass of the teacher (full logits kept) before the update, TRL runs the teacher
     forward inside the loss; neither runs a no-grad student pass (ours takes the logged per-token KLs /
     entropy from the update's forward, `stages.distill.StateStats`; before that change it ran one);
   - TRL computes the divergence from the hidden states through the lm_head in vocabulary chunks (never the
-    full (B, T, V) logits); ours materialises the logits;
+    full (B, T, V) logits); ours materialises the logits in `equal` and chunks positions in `best`;
   - the sampled responses differ (different RNG streams), so response lengths and tokens per step differ;
     tokens/s divides by each side's own response tokens.
 Timing: per step, generation (sampling) and the rest (label + update), in wall seconds and in process CPU
@@ -67,7 +79,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import CPUThroughput, print_ratio_table  # noqa: E402  (bench/, the script's own folder)
+from bench_common import (  # noqa: E402  (bench/, the script's own folder)
+    CPUThroughput, add_settings_arg, best_bf16, best_onpolicy_kwargs, print_ratio_table, settings_list,
+)
 
 MODEL = "smollm2-135m-instruct"
 
@@ -88,10 +102,17 @@ def keep_layers_spec(s: str):
     return [int(x) for x in s.split(",")] if "," in s else s
 
 
-def model_config():
+def model_config(setting: str = "equal"):
+    """Ours' model settings: fp32 without autocast (`equal`, and the held-out evaluation); bf16 autocast in `best`
+    on a CPU with native bf16."""
     from pipeline.config import ModelConfig
 
-    return ModelConfig(name_or_path=MODEL, cpu_autocast="off")
+    autocast = "on" if setting == "best" and best_bf16() else "off"
+    return ModelConfig(name_or_path=MODEL, cpu_autocast=autocast)
+
+
+def trl_bf16(setting: str) -> bool:
+    return setting == "best" and best_bf16()
 
 
 def summarise(steps: list[dict]) -> dict:
@@ -112,29 +133,36 @@ def summarise(steps: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def side_ours(args, out: Path) -> dict:
-    import pipeline.loop as loop
+def ours_setup(args, setting: str):
+    """-> (models, prompts, cfg, precision): our distill stage's run for `args` in `setting`."""
     from pipeline.config import DistillConfig, KeepLayersConfig, Recipe, StudentConfig
+    from pipeline.data import load_rows, prompt_examples
     from pipeline.models import resolve_precision
-    from pipeline.onpolicy import unwrap_for_generation
-    from pipeline.stages.distill import build_models, train_distill
-
-    loop.Throughput = CPUThroughput  # the one loop makes one per iteration
+    from pipeline.stages.distill import build_models
 
     torch.manual_seed(args.seed)
-    mcfg = model_config()
+    mcfg = model_config(setting)
     precision = resolve_precision(mcfg)
+    extra = best_onpolicy_kwargs(DistillConfig, sampler_logprobs=False) if setting == "best" else {}
     cfg = DistillConfig(
         teacher_from="base", student=StudentConfig(from_teacher=KeepLayersConfig(keep_layers_spec(args.keep_layers))),
         prompts=args.prompts, beta=0.0, divergence="reverse_kl", estimator="full", lora=None,
         iterations=args.steps, rollout_batch_size=args.batch, minibatch_size=args.batch, micro_batch_size=args.batch,
         epochs=1, lr=args.lr, max_new_tokens=args.max_new_tokens, temperature=1.0, max_grad_norm=1.0,
-        log_samples_every=0, checkpoint_every=0)
+        log_samples_every=0, checkpoint_every=0, **extra)
     models = build_models(Recipe(model=mcfg), cfg, precision)
     # train_distill draws from PromptSampler(prompts, seed=args.seed): the prompts TRL gets, in this order.
-    from pipeline.data import load_rows, prompt_examples
-
     prompts = prompt_examples(load_rows(args.prompts), args.prompts)
+    return models, prompts, cfg, precision
+
+
+def side_ours(args, out: Path) -> dict:
+    import pipeline.loop as loop
+    from pipeline.onpolicy import unwrap_for_generation
+    from pipeline.stages.distill import train_distill
+
+    loop.Throughput = CPUThroughput  # the one loop makes one per iteration
+    models, prompts, cfg, precision = ours_setup(args, args.setting)
     hist = train_distill(models, prompts, cfg, precision, out / "stage", seed=args.seed, progress=False, resume=False)
     steps = [{"generate_s": h["distill/time_generate_s"],
               "update_s": h.get("distill/time_label_s", 0.0) + h["distill/time_train_s"],
@@ -144,7 +172,9 @@ def side_ours(args, out: Path) -> dict:
               "tokens": h["distill/response_length"] * args.batch, "loss": h["distill/loss"]}
              for h, t in zip(hist, CPUThroughput.made)]
     unwrap_for_generation(models.student).save_pretrained(out / "student")
-    return {**summarise(steps), "peak_rss_mb": peak_rss_mb(), "kept_layers": models.kept_layers}
+    return {**summarise(steps), "peak_rss_mb": peak_rss_mb(), "kept_layers": models.kept_layers,
+            "autocast_bf16": precision.autocast, "logits_chunk_size": cfg.logits_chunk_size,
+            "logprobs_from": getattr(cfg, "logprobs_from", "-")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,8 +188,7 @@ def side_trl(args, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    from pipeline.models import resolve_model_path
-    from pipeline.stages.distill import choose_layers, student_from_teacher
+    from pipeline.models import choose_layers, resolve_model_path, student_from_teacher
 
     torch.manual_seed(args.seed)
     model_dir = resolve_model_path(MODEL)
@@ -176,7 +205,8 @@ def side_trl(args, out: Path) -> dict:
         max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-5, optim="adamw_torch",
         max_grad_norm=1.0, beta=1.0, temperature=1.0, top_k=0, top_p=1.0,
-        max_completion_length=args.max_new_tokens, gradient_checkpointing=False, bf16=False, fp16=False,
+        max_completion_length=args.max_new_tokens, gradient_checkpointing=False, bf16=trl_bf16(args.setting),
+        fp16=False,
         shuffle_dataset=False, disable_dropout=True, dataloader_num_workers=0, use_cpu=True)
 
     steps: list[dict] = []
@@ -211,12 +241,17 @@ def side_trl(args, out: Path) -> dict:
 
     trainer._generate_single_turn = timed_generate
     trainer._generate_and_score_completions = counted
-    trainer.train()
+    import contextlib
+
+    bf16 = trl_bf16(args.setting)
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     for s, loss in zip(steps, losses):
         s["loss"] = loss
     trainer.model.save_pretrained(out / "student")
-    return {**summarise(steps), "peak_rss_mb": peak_rss_mb(), "kept_layers": kept, "trl": trl.__version__}
+    return {**summarise(steps), "peak_rss_mb": peak_rss_mb(), "kept_layers": kept, "trl": trl.__version__,
+            "bf16": bf16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,8 +287,7 @@ def evaluate(args, student_dirs: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     from pipeline.data import load_rows, prompt_examples
-    from pipeline.models import load_policy, resolve_precision
-    from pipeline.stages.distill import choose_layers, student_from_teacher
+    from pipeline.models import choose_layers, load_policy, resolve_precision, student_from_teacher
 
     teacher, tok = load_policy(MODEL, model_config(), resolve_precision(model_config()))
     teacher.requires_grad_(False).eval()
@@ -274,26 +308,32 @@ def evaluate(args, student_dirs: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def run_side(side: str, args, tmp: Path) -> dict:
-    out = tmp / side
+def run_side(side: str, args, tmp: Path, setting: str) -> dict:
+    out = tmp / setting / side
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--side-out", str(out),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--side-out", str(out), "--setting", setting,
            "--steps", str(args.steps), "--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens),
            "--lr", str(args.lr), "--keep-layers", args.keep_layers, "--prompts", args.prompts, "--seed", str(args.seed)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    print(f"{side}: running {args.steps} steps ...", flush=True)
+    print(f"{side} ({setting}): running {args.steps} steps ...", flush=True)
     t = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{side} side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     fig = json.loads((out / "figures.json").read_text())
-    print(f"{side}: done in {time.time() - t:.0f}s wall", flush=True)
+    print(f"{side} ({setting}): done in {time.time() - t:.0f}s wall", flush=True)
     return fig
 
 
-def print_table(figs: dict, kl: dict) -> None:
+def print_table(figs: dict, kl: dict, setting: str) -> None:
     ours, trl = figs.get("ours"), figs.get("trl")
+    print(f"\n== setting: {setting} ==")
+    if ours:
+        print(f"ours: bf16 autocast {ours.get('autocast_bf16')}, logits_chunk_size {ours.get('logits_chunk_size')}, "
+              f"logprobs_from {ours.get('logprobs_from')}")
+    if trl:
+        print(f"trl: bf16 {trl.get('bf16')}")
     rows = [("seconds / step", "seconds_per_step", "{:.2f}"), ("  generate s", "generate_s", "{:.2f}"),
             ("  label + update s", "update_s", "{:.2f}"), ("CPU s / step", "cpu_seconds_per_step", "{:.2f}"),
             ("  generate CPU s", "cpu_generate_s", "{:.2f}"), ("  label + update CPU s", "cpu_update_s", "{:.2f}"),
@@ -306,10 +346,6 @@ def print_table(figs: dict, kl: dict) -> None:
             f["heldout_reverse_kl"] = kl[name]["reverse_kl_per_token"]
             f["heldout_forward_kl"] = kl[name]["forward_kl_per_token"]
     print_ratio_table(rows, ours, trl, "trl", 27)
-    if "untrained" in kl:
-        print(f"untrained student: held-out reverse KL/token {kl['untrained']['reverse_kl_per_token']:.4f}, "
-              f"forward {kl['untrained']['forward_kl_per_token']:.4f} "
-              f"({kl['untrained']['answer_tokens']} answer tokens)")
     for name, f in figs.items():
         losses = [round(s["loss"], 4) for s in f["steps"] if "loss" in s]
         print(f"{name} loss per step: {losses}")
@@ -330,7 +366,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads in every process (default torch's); 1 makes the "
                     "CPU seconds a steadier measure of work on a busy machine")
     ap.add_argument("--json", help="also write every figure to this file")
+    add_settings_arg(ap)
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # internal: one side, in a subprocess
+    ap.add_argument("--setting", default="equal", choices=["equal", "best"], help=argparse.SUPPRESS)
     ap.add_argument("--side-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -342,20 +380,30 @@ def main() -> None:
         (out / "figures.json").write_text(json.dumps(fig, indent=2))
         return
 
+    settings = settings_list(args.settings)
     print(f"teacher {MODEL}, student keep_layers {args.keep_layers}, {args.steps} steps, batch {args.batch}, "
-          f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, fp32, torch threads {torch.get_num_threads()}, "
+          f"max_new_tokens {args.max_new_tokens}, lr {args.lr}, settings {', '.join(settings)} (CPU native bf16: "
+          f"{best_bf16()}), torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f} (1 min) at the start", flush=True)
-    figs: dict = {}
+    figs: dict = {s: {} for s in settings}
     with tempfile.TemporaryDirectory(prefix="distill_vs_trl-") as tmp:
-        for side in ("ours", "trl"):
-            if args.only in (None, side):
-                figs[side] = run_side(side, args, Path(tmp))
+        for setting in settings:
+            for side in ("ours", "trl"):
+                if args.only in (None, side):
+                    figs[setting][side] = run_side(side, args, Path(tmp), setting)
         kl = {}
         if args.heldout:
             print(f"held-out: {args.heldout} prompts of {args.heldout_file}, greedy, max_new_tokens "
-                  f"{args.max_new_tokens} ...", flush=True)
-            kl = evaluate(args, {side: Path(tmp) / side / "student" for side in figs})
-    print_table(figs, kl)
+                  f"{args.max_new_tokens}, fp32 ...", flush=True)
+            kl = evaluate(args, {f"{setting}/{side}": Path(tmp) / setting / side / "student"
+                                 for setting in settings for side in figs[setting]})
+    for setting in settings:
+        print_table(figs[setting], {side: kl[f"{setting}/{side}"] for side in figs[setting]
+                                    if f"{setting}/{side}" in kl}, setting)
+    if "untrained" in kl:
+        print(f"\nuntrained student: held-out reverse KL/token {kl['untrained']['reverse_kl_per_token']:.4f}, "
+              f"forward {kl['untrained']['forward_kl_per_token']:.4f} "
+              f"({kl['untrained']['answer_tokens']} answer tokens)")
     print(f"load average {os.getloadavg()[0]:.2f} (1 min) at the end")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -3,16 +3,24 @@
     python bench/generation.py                         # batch 8 and 16, max_new_tokens 64, 3 repeats
     python bench/generation.py --batches 16 --max-new-tokens 64 128 --repeats 5
     python bench/generation.py --policy runs/quickstart/sft/final --json bench/results/generation.json
+    python bench/generation.py --settings best         # or equal; default both (one table each)
 
 Ours = `onpolicy.encode_prompts` + `onpolicy.sample_responses`, exactly what a PPO iteration runs.
 Plain = what a user of transformers writes: the chat template rendered to text, then
 `tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")` and
 `model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=N)`.
-Same model object, prompts, batch, token limit, sampling distribution (temperature 1.0, no top-k /
-top-p: `top_k=0` because transformers' own default is top-k 50), KV cache, and bf16 autocast when
-`resolve_precision` turns it on for this CPU. Tokens counted for both = response tokens through the
-first EOS (the PPO response mask). Each configuration is warmed up once per side, then the two
-sides alternate for `--repeats` rounds so machine load hits both alike; the median is reported.
+Same model object (fp32 weights), prompts, batch, token limit, sampling distribution (temperature 1.0,
+no top-k / top-p: `top_k=0` because transformers' own default is top-k 50), KV cache, and precision:
+`--settings equal` runs both sides in fp32 with no autocast; `best` runs both under bf16 autocast where
+`resolve_precision` turns it on for this CPU (`--cpu-autocast auto`: a CPU with native bf16,
+`pipeline.models.cpu_has_native_bf16`), else fp32; `both` (default) prints one table each. In `best` ours
+also records each sampled token's log-prob (`sample_responses(..., with_logprobs=True)`, where this
+version has it), as a PPO iteration with `logprobs_from: sampler` does; plain `generate` records nothing,
+so that is extra work on ours' side only. Not tried: a static KV cache / torch.compile for plain
+`generate` (logits chunking is a training-forward option, not a sampling one). Tokens counted for both =
+response tokens through the first EOS (the PPO response mask). Each configuration is warmed up once per
+side, then the two sides alternate for `--repeats` rounds so machine load hits both alike; the median is
+reported.
 Tokens per second are given per wall second and per process CPU second (all threads,
 `time.process_time`): on a machine shared with other jobs the CPU figure still measures the work each
 side does, the wall figure mostly measures the other jobs. Throughput figures are what this machine gave
@@ -22,6 +30,7 @@ while the script ran; nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -36,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.models import load_policy, resolve_precision  # noqa: E402
 from pipeline.onpolicy import SamplingSettings, encode_prompts, mask_after_eos, sample_responses  # noqa: E402
+
+from bench_common import add_settings_arg, settings_list  # noqa: E402  (bench/, the script's own folder)
 
 # Used when data/constraints/prompts.jsonl is absent (a fresh clone without the data build).
 FALLBACK_PROMPTS = [
@@ -88,11 +99,19 @@ def messages(ex) -> list[dict]:
     return [{"role": "user", "content": p}] if isinstance(p, str) else p
 
 
-def run_ours(model, tok, rows: list, max_new_tokens: int, precision) -> tuple[float, float, int]:
+def sampler_logprobs_kwargs(setting: str) -> dict:
+    """`best`: ours records the sampled tokens' log-probs, as PPO's `logprobs_from: sampler` rollouts do (only where
+    this version's `sample_responses` can)."""
+    if setting == "best" and "with_logprobs" in inspect.signature(sample_responses).parameters:
+        return {"with_logprobs": True}
+    return {}
+
+
+def run_ours(model, tok, rows: list, max_new_tokens: int, precision, **kw) -> tuple[float, float, int]:
     t, c = time.perf_counter(), time.process_time()
     q, qm = encode_prompts(tok, rows, precision.device)
-    _, mask, _ = sample_responses(model, tok, q, qm, SamplingSettings(max_new_tokens, temperature=1.0),
-                                  precision.autocast_ctx())
+    _, mask, *_ = sample_responses(model, tok, q, qm, SamplingSettings(max_new_tokens, temperature=1.0),
+                                   precision.autocast_ctx(), **kw)
     return time.perf_counter() - t, time.process_time() - c, int(mask.sum())
 
 
@@ -108,6 +127,37 @@ def run_plain(model, tok, rows: list, max_new_tokens: int, precision) -> tuple[f
     return time.perf_counter() - t, time.process_time() - c, int(mask.sum())
 
 
+def run_setting(model, tok, prompts: list, args, precision, setting: str) -> list[dict]:
+    rows_out = []
+    kw = sampler_logprobs_kwargs(setting)
+    for max_new in args.max_new_tokens:
+        for batch in args.batches:
+            # Both sides get the same prompts on each repeat; successive repeats take the next slice.
+            slices = [[prompts[(r * batch + i) % len(prompts)] for i in range(batch)] for r in range(args.repeats + 1)]
+            run_ours(model, tok, slices[0], max_new, precision, **kw)  # warm-up
+            run_plain(model, tok, slices[0], max_new, precision)
+            ours, plain = [], []
+            for r, rows in enumerate(slices[1:]):
+                # The same seed for both sides: equal inputs then sample equal tokens, so both do the same work.
+                torch.manual_seed(args.seed * 100003 + r)
+                ours.append(run_ours(model, tok, rows, max_new, precision, **kw))
+                torch.manual_seed(args.seed * 100003 + r)
+                plain.append(run_plain(model, tok, rows, max_new, precision))
+            row = {"setting": setting, "autocast_bf16": precision.autocast, "ours_sampler_logprobs": bool(kw),
+                   "batch": batch, "max_new_tokens": max_new}
+            for name, runs in (("ours", ours), ("plain", plain)):
+                row[f"{name}_tokens_per_s"] = statistics.median(n / s for s, _, n in runs)
+                row[f"{name}_tokens_per_cpu_s"] = statistics.median(n / c for _, c, n in runs)
+                row[f"{name}_runs"] = [{"seconds": s, "cpu_seconds": c, "tokens": n} for s, c, n in runs]
+            row["ratio"] = row["ours_tokens_per_s"] / row["plain_tokens_per_s"]
+            row["cpu_ratio"] = row["ours_tokens_per_cpu_s"] / row["plain_tokens_per_cpu_s"]
+            rows_out.append(row)
+            print(f"  {setting} batch {batch:>3} max_new_tokens {max_new:>4}: "
+                  f"ours {[f'{n} in {s:.2f}s ({c:.2f} CPU s)' for s, c, n in ours]}, "
+                  f"plain {[f'{n} in {s:.2f}s ({c:.2f} CPU s)' for s, c, n in plain]}", flush=True)
+    return rows_out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", default="smollm2-135m-instruct")
@@ -115,7 +165,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--max-new-tokens", type=int, nargs="+", default=[64])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cpu-autocast", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--cpu-autocast", default="auto", choices=["auto", "on", "off"],
+                    help="bf16 autocast in the `best` setting (auto: on a CPU with native bf16); `equal` is always off")
+    add_settings_arg(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch threads (default torch's); 1 makes the CPU seconds a "
                     "steadier measure of work on a busy machine (no threads spinning while another waits)")
@@ -124,48 +176,39 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    precision = resolve_precision(ModelConfig(name_or_path=args.policy, cpu_autocast=args.cpu_autocast))
-    model, tok = load_policy(args.policy, ModelConfig(name_or_path=args.policy), precision)
+    settings = settings_list(args.settings)
+    precisions = {st: resolve_precision(ModelConfig(name_or_path=args.policy,
+                                                    cpu_autocast="off" if st == "equal" else args.cpu_autocast))
+                  for st in settings}
+    # fp32 weights in both settings (the precision's dtype is fp32 on CPU either way); only the autocast differs.
+    model, tok = load_policy(args.policy, ModelConfig(name_or_path=args.policy), precisions[settings[0]])
     model.eval()
     prompts = load_prompts(args.prompts)
-    print(f"device {precision.device}, bf16 autocast {precision.autocast}, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f} (1 min), {len(prompts)} prompts")
+    print(f"device {precisions[settings[0]].device}, settings "
+          f"{', '.join(f'{st} (bf16 autocast {p.autocast})' for st, p in precisions.items())}, "
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} (1 min), "
+          f"{len(prompts)} prompts")
     rows_out = []
-    for max_new in args.max_new_tokens:
-        for batch in args.batches:
-            # Both sides get the same prompts on each repeat; successive repeats take the next slice.
-            slices = [[prompts[(r * batch + i) % len(prompts)] for i in range(batch)] for r in range(args.repeats + 1)]
-            run_ours(model, tok, slices[0], max_new, precision)  # warm-up
-            run_plain(model, tok, slices[0], max_new, precision)
-            ours, plain = [], []
-            for r, rows in enumerate(slices[1:]):
-                # The same seed for both sides: equal inputs then sample equal tokens, so both do the same work.
-                torch.manual_seed(args.seed * 100003 + r)
-                ours.append(run_ours(model, tok, rows, max_new, precision))
-                torch.manual_seed(args.seed * 100003 + r)
-                plain.append(run_plain(model, tok, rows, max_new, precision))
-            row = {"batch": batch, "max_new_tokens": max_new}
-            for name, runs in (("ours", ours), ("plain", plain)):
-                row[f"{name}_tokens_per_s"] = statistics.median(n / s for s, _, n in runs)
-                row[f"{name}_tokens_per_cpu_s"] = statistics.median(n / c for _, c, n in runs)
-                row[f"{name}_runs"] = [{"seconds": s, "cpu_seconds": c, "tokens": n} for s, c, n in runs]
-            row["ratio"] = row["ours_tokens_per_s"] / row["plain_tokens_per_s"]
-            row["cpu_ratio"] = row["ours_tokens_per_cpu_s"] / row["plain_tokens_per_cpu_s"]
-            rows_out.append(row)
-            print(f"  batch {batch:>3} max_new_tokens {max_new:>4}: "
-                  f"ours {[f'{n} in {s:.2f}s ({c:.2f} CPU s)' for s, c, n in ours]}, "
-                  f"plain {[f'{n} in {s:.2f}s ({c:.2f} CPU s)' for s, c, n in plain]}", flush=True)
+    for setting in settings:
+        rows_out += run_setting(model, tok, prompts, args, precisions[setting], setting)
 
-    print(f"\n{'batch':>6}{'max_new':>9}{'ours tok/s':>12}{'plain tok/s':>13}{'ours/plain':>12}"
-          f"{'ours tok/CPU s':>16}{'plain tok/CPU s':>17}{'ours/plain':>12}")
-    for r in rows_out:
-        print(f"{r['batch']:>6}{r['max_new_tokens']:>9}{r['ours_tokens_per_s']:>12.1f}"
-              f"{r['plain_tokens_per_s']:>13.1f}{r['ratio']:>12.2f}{r['ours_tokens_per_cpu_s']:>16.1f}"
-              f"{r['plain_tokens_per_cpu_s']:>17.1f}{r['cpu_ratio']:>12.2f}")
+    for setting in settings:
+        print(f"\n== setting: {setting} (bf16 autocast {precisions[setting].autocast}, both sides; ours records "
+              f"sampled log-probs: {bool(sampler_logprobs_kwargs(setting))}) ==")
+        print(f"{'batch':>6}{'max_new':>9}{'ours tok/s':>12}{'plain tok/s':>13}{'ours/plain':>12}"
+              f"{'ours tok/CPU s':>16}{'plain tok/CPU s':>17}{'ours/plain':>12}")
+        for r in rows_out:
+            if r["setting"] != setting:
+                continue
+            print(f"{r['batch']:>6}{r['max_new_tokens']:>9}{r['ours_tokens_per_s']:>12.1f}"
+                  f"{r['plain_tokens_per_s']:>13.1f}{r['ratio']:>12.2f}{r['ours_tokens_per_cpu_s']:>16.1f}"
+                  f"{r['plain_tokens_per_cpu_s']:>17.1f}{r['cpu_ratio']:>12.2f}")
     print(f"(median of {args.repeats}; load average {os.getloadavg()[0]:.2f} at the end)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"autocast_bf16": precision.autocast, "rows": rows_out}, indent=2))
+        Path(args.json).write_text(json.dumps(
+            {"settings": {st: {"autocast_bf16": p.autocast} for st, p in precisions.items()}, "rows": rows_out},
+            indent=2))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python bench/ppo.py                          # default model, LoRA, verifier reward, CPU
     python bench/ppo.py --policy runs/quickstart/sft/final --reward runs/quickstart/reward/final
     python bench/ppo.py --tiny                   # a tiny random model (smoke test of the script)
+    python bench/ppo.py --logits-chunk-size 256 --logprobs-from sampler   # the speed options (ppo_vs_trl's `best`)
 
 Scoring = behaviour, reference and value forwards plus the reward. Peak memory is the process's
 peak RSS (and the CUDA peak on a GPU). The first iteration is a warm-up and is not reported.
@@ -31,7 +32,7 @@ from pipeline.rlmodels import ValueModel  # noqa: E402
 from pipeline.rlmodels import PPOModels  # noqa: E402
 from pipeline.stages.ppo import build_models, train_ppo  # noqa: E402
 
-from bench_common import CPUThroughput  # noqa: E402  (bench/, the script's own folder)
+from bench_common import CPUThroughput, has_field  # noqa: E402  (bench/, the script's own folder)
 
 
 def peak_rss_mb() -> float:
@@ -56,7 +57,7 @@ def tiny_models():
     return m
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", default="smollm2-135m-instruct")
     ap.add_argument("--reward", default="verifier", help="`verifier` or a reward-model directory")
@@ -68,19 +69,34 @@ def main() -> None:
     ap.add_argument("--micro-batch-size", type=int, help="rows per forward (default the minibatch size)")
     ap.add_argument("--no-lora", action="store_true")
     ap.add_argument("--cpu-autocast", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--logits-chunk-size", type=int, help="ppo.logits_chunk_size (default the config's, 0: off)")
+    ap.add_argument("--logprobs-from", help="ppo.logprobs_from (e.g. sampler); ignored, with a note, by a version "
+                    "whose config has no such field")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json", help="also write the figures to this file")
-    args = ap.parse_args()
+    return ap
 
+
+def prepare(args):
+    """-> (models, reward, prompts, cfg, precision, model_cfg) for the PPO run `args` (build_parser's) describes."""
     from pipeline.rewards import RewardModelScorer, VerifierReward
 
     model_cfg = ModelConfig(name_or_path=args.policy, cpu_autocast=args.cpu_autocast)
     precision = resolve_precision(model_cfg)
     minibatch = args.minibatch_size or min(8, args.batch)
+    extra = {}
+    if args.logits_chunk_size is not None:
+        extra["logits_chunk_size"] = args.logits_chunk_size
+    if args.logprobs_from is not None:
+        if has_field(PPOConfig, "logprobs_from"):
+            extra["logprobs_from"] = args.logprobs_from
+        else:
+            print(f"note: this version's PPOConfig has no logprobs_from; --logprobs-from {args.logprobs_from} ignored",
+                  flush=True)
     cfg = PPOConfig(policy_from="base", reward_from=args.reward, critic_from="policy", prompts=args.prompts,
                     iterations=args.iterations, rollout_batch_size=args.batch, minibatch_size=minibatch,
                     micro_batch_size=args.micro_batch_size or minibatch, max_new_tokens=args.max_new_tokens,
-                    lora=None if args.no_lora else LoraConfig(), log_samples_every=0)
+                    lora=None if args.no_lora else LoraConfig(), log_samples_every=0, **extra)
     if args.tiny:
         models = tiny_models()
         prompts = [{"prompt": [{"role": "user", "content": f"hello world {i}"}]} for i in range(32)]
@@ -95,6 +111,12 @@ def main() -> None:
         models = build_models(recipe, cfg, precision)
         prompts = prompt_examples(load_rows(args.prompts), args.prompts)
         reward = VerifierReward() if args.reward == "verifier" else RewardModelScorer(args.reward, model_cfg, precision)
+    return models, reward, prompts, cfg, precision, model_cfg
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    models, reward, prompts, cfg, precision, _ = prepare(args)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -110,6 +132,7 @@ def main() -> None:
     fig = {
         "device": str(precision.device), "autocast_bf16": precision.autocast, "policy": args.policy,
         "batch": args.batch, "max_new_tokens": args.max_new_tokens, "response_tokens": tokens,
+        "logits_chunk_size": cfg.logits_chunk_size, "logprobs_from": getattr(cfg, "logprobs_from", "-"),
         "seconds_per_iteration": total, **{f"{k}_s": v for k, v in parts.items()},
         "tokens_per_s": tokens / total, "generate_tokens_per_s": tokens / parts["generate"],
         "peak_rss_mb": peak_rss_mb(), "wall_s_all_iterations": wall,

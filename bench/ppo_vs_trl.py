@@ -3,6 +3,7 @@
     python bench/ppo_vs_trl.py                   # creates bench/.venv-trl019 on first use (a minute or two)
     python bench/ppo_vs_trl.py --batch 8 --max-new-tokens 32
     python bench/ppo_vs_trl.py --only trl        # or --only ours; --setup-only builds the venv and stops
+    python bench/ppo_vs_trl.py --settings best   # or equal; default both (one table each)
 
 TRL 0.19 (the last release with the classic `PPOTrainer`) needs transformers 4.x, so it runs in its own
 virtual environment, `bench/.venv-trl019`, made here with `python -m venv` and pinned installs
@@ -11,15 +12,28 @@ virtual environment, `bench/.venv-trl019`, made here with `python -m venv` and p
 
 Matched on both sides: the default model (SmolLM2-135M-Instruct, the cached safetensors directory) as
 policy and reference, a sequence-classification model from the same directory (num_labels=1) as
-reward model and as critic; full fine-tuning; fp32 with no autocast (ours: --cpu-autocast off); the
+reward model and as critic; full fine-tuning; fp32 weights; the precision of each setting (below); the
 same 2 x batch prompts in the same order (our PromptSampler's order, seed 0; TRL's shuffling loader
 is replaced by one in that order), chat template, left padding; sampling at temperature 1.0 with no
 top-k / top-p, stopping at EOS, max_new_tokens = TRL's response_length; the whole batch generated
 at once (TRL local_rollout_forward_batch_size = batch); 2 PPO epochs x 2 minibatches of batch/2, one
 optimizer step per minibatch (TRL: per_device_train_batch_size = batch, gradient_accumulation_steps 1,
 num_mini_batches 2). Two iterations each; the second is reported (the first warms up).
+Settings (`--settings`, default both, one table each, both in this one run):
+  equal: fp32 with no autocast on both sides (ours: --cpu-autocast off), our defaults otherwise
+    (logits_chunk_size 0, behaviour log-probs recomputed with a training forward);
+  best: each side's fastest settings that keep the math. Ours: bf16 autocast on a CPU with native bf16
+    (AMX-BF16 / AVX512-BF16, `pipeline.models.cpu_has_native_bf16`), else fp32; `logits_chunk_size` 256;
+    `logprobs_from: sampler` (behaviour log-probs from the sampler, no recomputing forward) where this
+    version's PPOConfig has that field. TRL's: on the same CPUs, `bf16=True` (with `use_cpu=True`) and its
+    whole `train()` under torch.autocast(cpu, bf16) (`trl019_ppo_step.py --bf16`); TRL 0.19's PPOTrainer
+    has no logits chunking or sampler log-probs to turn on. On a CPU without native bf16 both sides stay
+    fp32 (bf16 there is emulated and slower).
+  Not matched in `best`: which ops run in bf16 under autocast is torch's choice on both sides, but the
+    chunked output layer and sampler log-probs exist only on ours.
 Known differences in the work done, not equalised: ours recomputes the behaviour log-probs with a
-training forward (TRL reuses the generation logits), and ours scores decoded text re-tokenised for
+training forward in `equal` (TRL reuses the generation logits; ours takes them from the sampler in
+`best` where the config has `logprobs_from`), and ours scores decoded text re-tokenised for
 the reward model (TRL scores the token ids).
 
 Tokens = response tokens through the first EOS. Split: generate / score (log-probs, reference,
@@ -48,7 +62,9 @@ VENV_PACKAGES = ["torch==2.13.0", "trl==0.19.1", "transformers==4.53.3", "accele
 
 sys.path.insert(0, str(ROOT))
 
-from bench_common import print_ratio_table  # noqa: E402  (bench/, the script's own folder)
+from bench_common import (  # noqa: E402  (bench/, the script's own folder)
+    add_settings_arg, best_bf16, best_onpolicy_kwargs, print_ratio_table, settings_list,
+)
 
 
 def venv_python() -> Path:
@@ -92,12 +108,25 @@ def benchmark_prompts(path: str, n: int) -> list:
     return PromptSampler(prompt_examples(load_rows(path), path), seed=0).next(n)
 
 
-def run_ours(args, model_dir: str, out: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "ppo.py"), "--no-lora", "--cpu-autocast", "off",
+def ours_setting_flags(setting: str) -> list[str]:
+    """bench/ppo.py's flags for a setting: `equal` = fp32, our defaults; `best` = bf16 autocast where the CPU has
+    native bf16, plus the config's speed options (`bench_common.best_onpolicy_kwargs`)."""
+    if setting == "equal":
+        return ["--cpu-autocast", "off"]
+    from pipeline.config import PPOConfig
+
+    flags = ["--cpu-autocast", "on" if best_bf16() else "off"]
+    for key, value in best_onpolicy_kwargs(PPOConfig).items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def run_ours(args, model_dir: str, out: Path, setting: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / "ppo.py"), "--no-lora", *ours_setting_flags(setting),
            "--reward", model_dir, "--prompts", args.prompts, "--batch", str(args.batch),
            "--max-new-tokens", str(args.max_new_tokens), "--iterations", "2",
            "--minibatch-size", str(args.batch // 2), "--json", str(out)]
-    print("ours:", " ".join(cmd[1:]), flush=True)
+    print(f"ours ({setting}):", " ".join(cmd[1:]), flush=True)
     t = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=thread_env(args))
     if proc.returncode != 0:
@@ -107,17 +136,21 @@ def run_ours(args, model_dir: str, out: Path) -> dict:
     return {"seconds_per_iteration": fig["seconds_per_iteration"], "tokens": fig["response_tokens"],
             "tokens_per_s": fig["tokens_per_s"], "peak_rss_mb": fig["peak_rss_mb"],
             "generate_s": fig["generate_s"], "score_s": fig["score_s"], "train_s": fig["train_s"],
+            "autocast_bf16": fig["autocast_bf16"], "logits_chunk_size": fig.get("logits_chunk_size"),
+            "logprobs_from": fig.get("logprobs_from"),
             **{k: fig[k] for k in ("cpu_seconds_per_iteration", "cpu_generate_s", "cpu_score_s", "cpu_train_s")}}
 
 
-def run_trl(args, model_dir: str, prompts: list, out: Path) -> dict:
+def run_trl(args, model_dir: str, prompts: list, out: Path, setting: str) -> dict:
     py = ensure_venv()
     prompts_file = out.with_name("prompts.json")
     prompts_file.write_text(json.dumps([ex["prompt"] for ex in prompts]))
     cmd = [str(py), str(ROOT / "bench" / "trl019_ppo_step.py"), "--model-dir", model_dir,
            "--prompts-json", str(prompts_file), "--batch", str(args.batch),
            "--response-length", str(args.max_new_tokens), "--json", str(out)]
-    print("trl 0.19:", " ".join(cmd[1:]), flush=True)
+    if setting == "best" and best_bf16():
+        cmd.append("--bf16")
+    print(f"trl 0.19 ({setting}):", " ".join(cmd[1:]), flush=True)
     t = time.time()
     # The venv's python must not see this project's editable install or the system site-packages.
     env = {k: v for k, v in thread_env(args).items() if k not in ("PYTHONPATH", "PYTHONHOME")}
@@ -128,7 +161,7 @@ def run_trl(args, model_dir: str, prompts: list, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def print_table(ours: dict | None, trl: dict | None) -> None:
+def print_table(ours: dict | None, trl: dict | None, setting: str) -> None:
     rows = [("seconds / iteration", "seconds_per_iteration", "{:.1f}"),
             ("  generate s", "generate_s", "{:.1f}"), ("  score s", "score_s", "{:.1f}"),
             ("  train s", "train_s", "{:.1f}"), ("CPU s / iteration", "cpu_seconds_per_iteration", "{:.1f}"),
@@ -139,6 +172,12 @@ def print_table(ours: dict | None, trl: dict | None) -> None:
     for f in (ours, trl):
         if f and f.get("cpu_seconds_per_iteration"):
             f["tokens_per_cpu_s"] = f["tokens"] / f["cpu_seconds_per_iteration"]
+    print(f"\n== setting: {setting} ==")
+    if ours:
+        print(f"ours: bf16 autocast {ours.get('autocast_bf16')}, logits_chunk_size {ours.get('logits_chunk_size')}, "
+              f"logprobs_from {ours.get('logprobs_from')}")
+    if trl:
+        print(f"trl 0.19: bf16 {trl.get('bf16', False)}")
     print_ratio_table(rows, ours, trl, "trl 0.19", 22)
     for name, f in (("ours", ours), ("trl 0.19", trl)):
         if f:
@@ -155,6 +194,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["ours", "trl"])
     ap.add_argument("--threads", type=int, help="torch threads in both subprocesses (OMP_NUM_THREADS; default "
                     "torch's); 1 makes the CPU seconds a steadier measure of work on a busy machine")
+    add_settings_arg(ap)
     ap.add_argument("--setup-only", action="store_true", help="create the TRL venv and stop")
     ap.add_argument("--json", help="also write both sides' figures to this file")
     args = ap.parse_args()
@@ -167,20 +207,27 @@ def main() -> None:
     from pipeline.models import resolve_model_path
 
     model_dir = resolve_model_path("smollm2-135m-instruct")
-    print(f"model {model_dir}\nbatch {args.batch}, max_new_tokens {args.max_new_tokens}, fp32, full fine-tuning, "
+    settings = settings_list(args.settings)
+    print(f"model {model_dir}\nbatch {args.batch}, max_new_tokens {args.max_new_tokens}, full fine-tuning, "
+          f"settings {', '.join(settings)} (CPU native bf16: {best_bf16()}), "
           f"torch threads {args.threads or 'default'}, "
           f"load average {os.getloadavg()[0]:.2f} (1 min) at the start", flush=True)
-    ours = trl = None
+    results: dict = {}
     with tempfile.TemporaryDirectory(prefix="ppo_vs_trl-") as tmp:
-        if args.only in (None, "trl"):
-            trl = run_trl(args, model_dir, benchmark_prompts(args.prompts, 2 * args.batch), Path(tmp) / "trl.json")
-        if args.only in (None, "ours"):
-            ours = run_ours(args, model_dir, Path(tmp) / "ours.json")
-    print_table(ours, trl)
+        for setting in settings:
+            ours = trl = None
+            if args.only in (None, "trl"):
+                trl = run_trl(args, model_dir, benchmark_prompts(args.prompts, 2 * args.batch),
+                              Path(tmp) / f"trl-{setting}.json", setting)
+            if args.only in (None, "ours"):
+                ours = run_ours(args, model_dir, Path(tmp) / f"ours-{setting}.json", setting)
+            results[setting] = {"ours": ours, "trl019": trl}
+    for setting, r in results.items():
+        print_table(r["ours"], r["trl019"], setting)
     print(f"load average {os.getloadavg()[0]:.2f} (1 min) at the end")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"ours": ours, "trl019": trl}, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

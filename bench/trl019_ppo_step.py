@@ -9,7 +9,12 @@ from tokenizer.json + tokenizer_config.json + chat_template.jinja (5.x names its
 (4.x would otherwise fall back to 10000 and run a different model).
 
 Policy and reference: AutoModelForCausalLM from DIR; reward model and critic:
-AutoModelForSequenceClassification from DIR with num_labels=1 (fresh heads), all fp32, full fine-tuning.
+AutoModelForSequenceClassification from DIR with num_labels=1 (fresh heads), all fp32 weights, full fine-tuning.
+`--bf16` (ppo_vs_trl.py's `best` setting on a CPU with native bf16): `bf16=True, use_cpu=True` in PPOConfig
+(transformers refuses bf16 on a machine without a bf16 GPU unless told the run is on CPU), which makes
+accelerate autocast the forward of the model it prepares (the policy-and-value wrapper of the PPO epochs);
+the rollout's forwards (generation, reference, reward, values) can run outside that wrapper, so `train()`
+also runs under `torch.autocast("cpu", bfloat16)` here, as every forward of ours does under bf16 autocast.
 Timing per iteration (wall and process CPU seconds) comes from hooks on the names PPOTrainer calls:
 `batch_generation` (generate), the first `forward` with gradients on (start of the PPO epochs) and
 `on_step_end` (end of the iteration).
@@ -118,6 +123,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--response-length", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (PPOConfig bf16=True, and train() under "
+                    "torch.autocast): the `best` setting on a CPU with native bf16")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
@@ -150,7 +157,8 @@ def main() -> None:
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, num_mini_batches=2,
         num_ppo_epochs=2, total_episodes=n, response_length=args.response_length,
         local_rollout_forward_batch_size=args.batch, stop_token="eos", temperature=1.0,
-        num_sample_generations=0, missing_eos_penalty=None, bf16=False, fp16=False, logging_steps=1,
+        num_sample_generations=0, missing_eos_penalty=None, bf16=args.bf16, fp16=False, logging_steps=1,
+        **({"use_cpu": True} if args.bf16 else {}),
     )
     timeline = Timeline()
     trainer = PPOTrainer(args=config, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
@@ -160,14 +168,18 @@ def main() -> None:
     trainer.dataloader = trainer.accelerator.prepare(DataLoader(
         dataset, batch_size=args.batch, shuffle=False, collate_fn=DataCollatorWithPadding(tok), drop_last=True))
 
+    import contextlib
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     t = time.perf_counter()
-    trainer.train()
+    with autocast:
+        trainer.train()
     wall = time.perf_counter() - t
     last = timeline.iterations[-1]
     fig = {**last, "tokens_per_s": last["tokens"] / last["seconds_per_iteration"],
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "wall_s_all_iterations": wall, "iterations": timeline.iterations,
-           "trl": trl.__version__, "torch": torch.__version__}
+           "trl": trl.__version__, "torch": torch.__version__, "bf16": args.bf16}
     Path(args.json).write_text(json.dumps(fig, indent=2))
     print(json.dumps(fig, indent=2))
 
