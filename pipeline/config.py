@@ -579,7 +579,12 @@ def parse_section(cls: type, data: dict, path: str, where: str) -> Any:
                 f"{', '.join(fields)}."
             )
         kwargs[key] = _coerce(value, hints[key], key_path, where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except RecipeError as e:  # a section's own cross-field check (`__post_init__`): name the file too
+        if str(e).startswith(f"{where}:"):
+            raise
+        raise RecipeError(f"{where}: {e}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -92,6 +92,17 @@ def validate_data(recipe: Recipe, stages: list[str] | None = None) -> list[str]:
     return lines
 
 
+def peak_rss_gb() -> "float | None":
+    """This process's peak resident memory so far in GB (`getrusage` ru_maxrss: KiB on Linux, bytes on macOS);
+    None where `resource` does not exist (Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e9, 2)
+
+
 def stage_input_files(recipe: Recipe) -> dict[str, dict[str, str]]:
     """{stage: {path: sha256}} for the local data files each stage section names (hub datasets and
     run references such as `sft` are not files and are left out)."""
@@ -345,6 +356,7 @@ def _run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = F
             finally:
                 set_active_flag(None)
         summary = {"stage": stage, "seconds": round(time.time() - t0, 1), **(summary or {})}
+        summary["peak_rss_gb"] = peak_rss_gb()  # the process's peak so far: the stage that raises it needed it
         summaries[stage] = summary
         if not main:
             continue

@@ -152,3 +152,21 @@ def test_a_run_written_before_a_new_key_existed_is_the_same_recipe(tmp_path):
     resolved.write_text(text.replace("  logits_chunk_size: 0\n", "  logits_chunk_size: 64\n"))
     with pytest.raises(RecipeError, match="different recipe"):
         prepare_output_dir(recipe)
+
+
+def test_peak_rss_gb_sees_a_large_allocation():
+    import sys
+
+    import pytest
+
+    from pipeline.runner import peak_rss_gb
+
+    if sys.platform.startswith("win"):
+        pytest.skip("no resource module")
+    before = peak_rss_gb()
+    block = bytearray(400 * 1024 * 1024)  # zero-filled pages are touched by the allocation
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    after = peak_rss_gb()
+    del block
+    assert after >= before and after >= 0.4
