@@ -109,7 +109,7 @@ def test_every_shipped_recipe_validates(path, monkeypatch, capsys, tmp_path):
     # reads (config.json only: preflight loads no weights).
     overrides = [f"run.output_dir={tmp_path / 'out'}"]
     if (yaml.safe_load(path.read_text())["run"] or {}).get("inputs_from"):
-        for stage in ("sft", "reward", "ppo"):
+        for stage in ("sft", "reward", "ppo", "distill"):
             (tmp_path / "earlier" / stage / "final").mkdir(parents=True)
             (tmp_path / "earlier" / stage / "final" / "config.json").write_text(json.dumps({"num_hidden_layers": 30}))
         overrides.append(f"run.inputs_from={tmp_path / 'earlier'}")
