@@ -510,21 +510,8 @@ def _fix_bullets(text: str, kw: dict) -> str:
         return " ".join(units)
     if not units:
         raise ValueError(f"cannot make {n} bullet points from empty text")
-    # Too few sentences: split the longest unit at its middle word until we have n.
-    while len(units) < n:
-        i = max(range(len(units)), key=lambda j: len(units[j].split()))
-        parts = units[i].split()
-        if len(parts) < 2:
-            raise ValueError(f"text has too few words for {n} bullet points")
-        half = len(parts) // 2
-        units[i : i + 1] = [" ".join(parts[:half]), " ".join(parts[half:])]
-    # Too many: merge consecutive sentences into n balanced groups.
-    q, r = divmod(len(units), n)
-    bullets, start = [], 0
-    for b in range(n):
-        size = q + (1 if b < r else 0)
-        bullets.append("* " + " ".join(units[start : start + size]))
-        start += size
+    # Too few sentences: split the longest at its middle word; too many: merge into n balanced groups.
+    bullets = ["* " + " ".join(group) for group in _groups(units, n)]
     return "\n".join(bullets)
 
 
