@@ -697,36 +697,37 @@ def _fix_placeholders(text: str, kw: dict) -> str:
 
 
 def _fix_highlights(text: str, kw: dict) -> str:
+    """Bold whole sentences (``**like this**``, the markdown emphasis chat models already write, which the
+    harness counts as one highlight), spread over the answer. Short answers fall back to clauses. The final
+    punctuation stays outside the bold, so sentence counters see the same sentences."""
     n = kw["num_highlights"]
     if check_instruction(HIGHLIGHTS, text, kw):
         return text
     lines = text.split("\n")
-    # Candidate spans: the last words (up to three) of each sentence, never at a line start and never
-    # across a '*' or a bracket; long sentences also offer a span in their middle.
-    spans: list[tuple[int, int, int]] = []  # (line, start, end)
-    for li, line in enumerate(lines):
-        lead = len(line) - len(_LIST_MARKER.sub("", line)) if _is_bullet_line(line) else 0
-        for m in re.finditer(r"[^.!?]+[.!?]*", line[lead:]):
-            seg_start = lead + m.start()
-            words = list(re.finditer(r"[A-Za-z0-9][\w'-]*", line[seg_start: lead + m.end()]))
-            if len(words) < 2 or "*" in m.group(0) or "[" in m.group(0):
-                continue
-            k = min(3, len(words) - 1)
-            while k > 1 and words[-k].group(0).lower() in _STOPWORDS:  # "*feed wetlands*", not "*and feed ...*"
-                k -= 1
-            spans.append((li, seg_start + words[-k].start(), seg_start + words[-1].end()))
-            if len(words) >= 9:
-                mid = len(words) // 2
-                spans.append((li, seg_start + words[mid - 3].start(), seg_start + words[mid - 1].end()))
-    if len(spans) < n:
-        raise ValueError(f"text has too few phrases for {n} highlighted sections")
-    # Spread the highlights over the text.
-    chosen = sorted({spans[round(j * (len(spans) - 1) / max(n - 1, 1))] for j in range(n)})
-    if len(chosen) < n:
-        chosen = sorted(spans[:n])
+
+    def spans(pattern: str) -> list[tuple[int, int, int]]:  # (line, start, end), bullet markers excluded
+        out = []
+        for li, line in enumerate(lines):
+            lead = len(line) - len(_LIST_MARKER.sub("", line)) if _is_bullet_line(line) else 0
+            for m in re.finditer(pattern, line[lead:]):
+                piece = m.group(0)
+                body = piece.rstrip(" .!?,;:")
+                start = lead + m.start() + (len(body) - len(body.lstrip()))
+                body = body.strip()
+                if len(re.findall(r"[A-Za-z0-9]+", body)) < 2 or any(c in body for c in "*[]<>"):
+                    continue
+                out.append((li, start, start + len(body)))
+        return out
+
+    candidates = spans(r"[^.!?]+[.!?]*")  # sentences
+    if len(candidates) < n:
+        candidates = spans(r"[^.!?,;:]+[.!?,;:]*")  # clauses
+    if len(candidates) < n:
+        raise ValueError(f"text has too few sentences or clauses for {n} highlighted sections")
+    chosen = sorted({candidates[round(j * (len(candidates) - 1) / max(n - 1, 1))] for j in range(n)})
     for li, start, end in sorted(chosen, reverse=True):
         line = lines[li]
-        lines[li] = f"{line[:start]}*{line[start:end]}*{line[end:]}"
+        lines[li] = f"{line[:start]}**{line[start:end]}**{line[end:]}"
     return "\n".join(lines)
 
 
