@@ -47,9 +47,10 @@ def print_ratio_table(rows: list[tuple[str, str, str]], ours: Optional[dict], th
 # The two settings every comparison runs (`--settings equal|best|both`)
 # --------------------------------------------------------------------------------------------
 
-SETTINGS_HELP = ("equal: fp32 on both sides, our defaults otherwise; best: each side's fastest settings that keep "
-                 "the math (bf16 autocast where this CPU has native bf16, and ours' logits chunking and sampler "
-                 "log-probs where the code has them); both (default): one table each")
+SETTINGS_HELP = ("equal: fp32 on both sides (frozen models too), our defaults otherwise; best: each side's fastest "
+                 "settings that keep the math (bf16 autocast where this CPU has native bf16, with ours' frozen models "
+                 "stored in bf16 there, and ours' logits chunking and sampler log-probs where the code has them); "
+                 "both (default): one table each")
 BEST_LOGITS_CHUNK = 256  # positions per output-layer chunk in the `best` setting (`logits_chunk_size`)
 
 
@@ -87,3 +88,17 @@ def best_onpolicy_kwargs(cls, logits_chunk_size: int = BEST_LOGITS_CHUNK, sample
     if sampler_logprobs and has_field(cls, "logprobs_from"):
         kw["logprobs_from"] = "sampler"
     return kw
+
+
+def frozen_dtype_setting(setting: str) -> str:
+    """`model.frozen_dtype` for a setting: `equal` stores everything in fp32; `best` stores the frozen models
+    (reference copy, reward model, teacher) in bf16 where it runs under bf16 autocast (`best_bf16`), else fp32."""
+    return "bfloat16" if setting == "best" and best_bf16() else "float32"
+
+
+def setting_model_kwargs(setting: str) -> dict:
+    """Our ModelConfig's options for a setting beyond `cpu_autocast`: `frozen_dtype` (`frozen_dtype_setting`),
+    only where this version's ModelConfig has the field."""
+    from pipeline.config import ModelConfig
+
+    return {"frozen_dtype": frozen_dtype_setting(setting)} if has_field(ModelConfig, "frozen_dtype") else {}

@@ -12,7 +12,8 @@ rollout -> teacher labels every visited state -> `onpolicy.optimise`). Theirs = 
 students (and the untrained one) with the same function on the same held-out prompts.
 
 Matched on both sides:
-  - teacher: the default model (SmolLM2-135M-Instruct, the cached safetensors directory), fp32, frozen;
+  - teacher: the default model (SmolLM2-135M-Instruct, the cached safetensors directory), fp32 (ours stores it
+    in bf16 in `best` where autocast is on, below), frozen;
   - student: the teacher's embeddings, final norm, lm_head and the decoder layers `--keep-layers` keeps
     (default every_2nd: 15 of 30), built by `stages.distill.student_from_teacher` on both sides, so both
     start from identical weights; full fine-tuning, fp32 weights, the precision of each setting (below),
@@ -30,15 +31,18 @@ Matched on both sides:
     lr, betas (0.9, 0.999), eps 1e-5, weight decay 0, constant lr (no warm-up), gradient clipping at 1.0;
     `--steps` steps.
 Settings (`--settings`, default both, one table each, all in this one run):
-  equal: fp32 with no autocast on both sides (ours: cpu_autocast off; TRL: bf16 off), our defaults otherwise
-    (logits_chunk_size 0: ours materialises the logits);
+  equal: fp32 with no autocast on both sides (ours: cpu_autocast off, frozen_dtype float32; TRL: bf16 off), our
+    defaults otherwise (logits_chunk_size 0: ours materialises the logits);
   best: each side's fastest settings that keep the math. Ours: bf16 autocast on a CPU with native bf16
-    (AMX-BF16 / AVX512-BF16, `pipeline.models.cpu_has_native_bf16`), else fp32; `logits_chunk_size` 256
-    (the divergence from the hidden states through the lm_head in chunks of positions); `logprobs_from` stays
-    at its default (distillation takes the student's log-probs from its labelling forward, which it runs anyway).
+    (AMX-BF16 / AVX512-BF16, `pipeline.models.cpu_has_native_bf16`), else fp32, with the frozen teacher stored
+    in bf16 there (`model.frozen_dtype: bfloat16`; the student is cut from its fp32 weights first);
+    `logits_chunk_size` 256 (the divergence from the hidden states through the lm_head in chunks of positions);
+    `logprobs_from` stays at its default (distillation takes the student's log-probs from its labelling forward,
+    which it runs anyway).
     TRL's: on the same CPUs, `bf16=True` (with `use_cpu=True`) and its whole `train()` under
     torch.autocast(cpu, bf16), so its generation and teacher forwards get bf16 as ours do; it already
-    chunks the vocabulary (below). On a CPU without native bf16 both sides stay fp32.
+    chunks the vocabulary (below); its teacher keeps fp32 weights (autocast casts them at every forward). On a
+    CPU without native bf16 both sides stay fp32.
   The held-out evaluation runs in fp32 with no autocast in both settings, on every student.
 Known differences in the work done, not equalised (they are part of what is compared):
   - ours runs a no-grad "label" pass of the teacher (full logits kept) before the update, TRL runs the teacher
@@ -80,7 +84,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import (  # noqa: E402  (bench/, the script's own folder)
-    CPUThroughput, add_settings_arg, best_bf16, best_onpolicy_kwargs, print_ratio_table, settings_list,
+    CPUThroughput, add_settings_arg, best_bf16, best_onpolicy_kwargs, print_ratio_table, setting_model_kwargs,
+    settings_list,
 )
 
 MODEL = "smollm2-135m-instruct"
@@ -103,12 +108,13 @@ def keep_layers_spec(s: str):
 
 
 def model_config(setting: str = "equal"):
-    """Ours' model settings: fp32 without autocast (`equal`, and the held-out evaluation); bf16 autocast in `best`
-    on a CPU with native bf16."""
+    """Ours' model settings: fp32 without autocast, frozen teacher in fp32 (`equal`, and the held-out evaluation);
+    bf16 autocast in `best` on a CPU with native bf16, with the frozen teacher stored in bf16 there
+    (`bench_common.setting_model_kwargs`)."""
     from pipeline.config import ModelConfig
 
     autocast = "on" if setting == "best" and best_bf16() else "off"
-    return ModelConfig(name_or_path=MODEL, cpu_autocast=autocast)
+    return ModelConfig(name_or_path=MODEL, cpu_autocast=autocast, **setting_model_kwargs(setting))
 
 
 def trl_bf16(setting: str) -> bool:
@@ -174,7 +180,8 @@ def side_ours(args, out: Path) -> dict:
     unwrap_for_generation(models.student).save_pretrained(out / "student")
     return {**summarise(steps), "peak_rss_mb": peak_rss_mb(), "kept_layers": models.kept_layers,
             "autocast_bf16": precision.autocast, "logits_chunk_size": cfg.logits_chunk_size,
-            "logprobs_from": getattr(cfg, "logprobs_from", "-")}
+            "logprobs_from": getattr(cfg, "logprobs_from", "-"),
+            "frozen_dtype": str(next(models.teacher.parameters()).dtype).removeprefix("torch.")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,7 +338,7 @@ def print_table(figs: dict, kl: dict, setting: str) -> None:
     print(f"\n== setting: {setting} ==")
     if ours:
         print(f"ours: bf16 autocast {ours.get('autocast_bf16')}, logits_chunk_size {ours.get('logits_chunk_size')}, "
-              f"logprobs_from {ours.get('logprobs_from')}")
+              f"logprobs_from {ours.get('logprobs_from')}, teacher stored in {ours.get('frozen_dtype', '-')}")
     if trl:
         print(f"trl: bf16 {trl.get('bf16')}")
     rows = [("seconds / step", "seconds_per_step", "{:.2f}"), ("  generate s", "generate_s", "{:.2f}"),

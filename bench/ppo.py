@@ -4,6 +4,7 @@
     python bench/ppo.py --policy runs/quickstart/sft/final --reward runs/quickstart/reward/final
     python bench/ppo.py --tiny                   # a tiny random model (smoke test of the script)
     python bench/ppo.py --logits-chunk-size 256 --logprobs-from sampler   # the speed options (ppo_vs_trl's `best`)
+    python bench/ppo.py --cpu-autocast on --frozen-dtype bfloat16          # frozen models (reference, RM) in bf16
 
 Scoring = behaviour, reference and value forwards plus the reward. Peak memory is the process's
 peak RSS (and the CUDA peak on a GPU). The first iteration is a warm-up and is not reported.
@@ -39,6 +40,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def frozen_dtype_name(precision, model_cfg) -> str:
+    """The frozen models' storage dtype (`model.frozen_dtype` resolved), or `-` on a version without it."""
+    if not has_field(ModelConfig, "frozen_dtype"):
+        return "-"
+    from pipeline.models import frozen_dtype
+
+    return str(frozen_dtype(precision, model_cfg)).removeprefix("torch.")
+
+
 def tiny_models():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import copy
@@ -69,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro-batch-size", type=int, help="rows per forward (default the minibatch size)")
     ap.add_argument("--no-lora", action="store_true")
     ap.add_argument("--cpu-autocast", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--frozen-dtype", help="model.frozen_dtype (auto, float32, bfloat16: the reference copy's and "
+                    "the reward model's storage dtype; default the config's, auto); ignored, with a note, by a "
+                    "version whose ModelConfig has no such field")
     ap.add_argument("--logits-chunk-size", type=int, help="ppo.logits_chunk_size (default the config's, 0: off)")
     ap.add_argument("--logprobs-from", help="ppo.logprobs_from (e.g. sampler); ignored, with a note, by a version "
                     "whose config has no such field")
@@ -81,7 +94,14 @@ def prepare(args):
     """-> (models, reward, prompts, cfg, precision, model_cfg) for the PPO run `args` (build_parser's) describes."""
     from pipeline.rewards import RewardModelScorer, VerifierReward
 
-    model_cfg = ModelConfig(name_or_path=args.policy, cpu_autocast=args.cpu_autocast)
+    model_extra = {}
+    if args.frozen_dtype is not None:
+        if has_field(ModelConfig, "frozen_dtype"):
+            model_extra["frozen_dtype"] = args.frozen_dtype
+        else:
+            print(f"note: this version's ModelConfig has no frozen_dtype; --frozen-dtype {args.frozen_dtype} ignored",
+                  flush=True)
+    model_cfg = ModelConfig(name_or_path=args.policy, cpu_autocast=args.cpu_autocast, **model_extra)
     precision = resolve_precision(model_cfg)
     minibatch = args.minibatch_size or min(8, args.batch)
     extra = {}
@@ -99,6 +119,10 @@ def prepare(args):
                     lora=None if args.no_lora else LoraConfig(), log_samples_every=0, **extra)
     if args.tiny:
         models = tiny_models()
+        if has_field(ModelConfig, "frozen_dtype"):  # as build_ppo_models stores a full fine-tuning reference
+            from pipeline.models import frozen_dtype
+
+            models.reference.to(frozen_dtype(precision, model_cfg))
         prompts = [{"prompt": [{"role": "user", "content": f"hello world {i}"}]} for i in range(32)]
 
         class Toy:
@@ -116,7 +140,7 @@ def prepare(args):
 
 def main() -> None:
     args = build_parser().parse_args()
-    models, reward, prompts, cfg, precision, _ = prepare(args)
+    models, reward, prompts, cfg, precision, model_cfg = prepare(args)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -133,6 +157,7 @@ def main() -> None:
         "device": str(precision.device), "autocast_bf16": precision.autocast, "policy": args.policy,
         "batch": args.batch, "max_new_tokens": args.max_new_tokens, "response_tokens": tokens,
         "logits_chunk_size": cfg.logits_chunk_size, "logprobs_from": getattr(cfg, "logprobs_from", "-"),
+        "frozen_dtype": frozen_dtype_name(precision, model_cfg),
         "seconds_per_iteration": total, **{f"{k}_s": v for k, v in parts.items()},
         "tokens_per_s": tokens / total, "generate_tokens_per_s": tokens / parts["generate"],
         "peak_rss_mb": peak_rss_mb(), "wall_s_all_iterations": wall,

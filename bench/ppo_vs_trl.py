@@ -11,26 +11,30 @@ virtual environment, `bench/.venv-trl019`, made here with `python -m venv` and p
 `bench/ppo.py --json` in a subprocess of the system Python, so each side's peak RSS is its own.
 
 Matched on both sides: the default model (SmolLM2-135M-Instruct, the cached safetensors directory) as
-policy and reference, a sequence-classification model from the same directory (num_labels=1) as
-reward model and as critic; full fine-tuning; fp32 weights; the precision of each setting (below); the
-same 2 x batch prompts in the same order (our PromptSampler's order, seed 0; TRL's shuffling loader
-is replaced by one in that order), chat template, left padding; sampling at temperature 1.0 with no
-top-k / top-p, stopping at EOS, max_new_tokens = TRL's response_length; the whole batch generated
-at once (TRL local_rollout_forward_batch_size = batch); 2 PPO epochs x 2 minibatches of batch/2, one
-optimizer step per minibatch (TRL: per_device_train_batch_size = batch, gradient_accumulation_steps 1,
-num_mini_batches 2). Two iterations each; the second is reported (the first warms up).
+policy and reference, a sequence-classification model from the same directory (num_labels=1) as reward
+model and as critic; full fine-tuning; fp32 weights (but ours' frozen ones in `best`, below); the
+precision of each setting (below); the same 2 x batch prompts in the same order (our PromptSampler's
+order, seed 0; TRL's shuffling loader is replaced by one in that order), chat template, left padding;
+sampling at temperature 1.0 with no top-k / top-p, stopping at EOS, max_new_tokens = TRL's
+response_length; the whole batch generated at once (TRL local_rollout_forward_batch_size = batch); 2 PPO
+epochs x 2 minibatches of batch/2, one optimizer step per minibatch (TRL: per_device_train_batch_size =
+batch, gradient_accumulation_steps 1, num_mini_batches 2). Two iterations each; the second is reported
+(the first warms up).
 Settings (`--settings`, default both, one table each, both in this one run):
-  equal: fp32 with no autocast on both sides (ours: --cpu-autocast off), our defaults otherwise
-    (logits_chunk_size 0, behaviour log-probs recomputed with a training forward);
+  equal: fp32 with no autocast on both sides (ours: --cpu-autocast off, --frozen-dtype float32), our defaults
+    otherwise (logits_chunk_size 0, behaviour log-probs recomputed with a training forward);
   best: each side's fastest settings that keep the math. Ours: bf16 autocast on a CPU with native bf16
-    (AMX-BF16 / AVX512-BF16, `pipeline.models.cpu_has_native_bf16`), else fp32; `logits_chunk_size` 256;
+    (AMX-BF16 / AVX512-BF16, `pipeline.models.cpu_has_native_bf16`), else fp32, with the frozen models (the
+    reference copy and the reward model) stored in bf16 there (`--frozen-dtype bfloat16`; fp32 elsewhere);
+    `logits_chunk_size` 256;
     `logprobs_from: sampler` (behaviour log-probs from the sampler, no recomputing forward) where this
     version's PPOConfig has that field. TRL's: on the same CPUs, `bf16=True` (with `use_cpu=True`) and its
     whole `train()` under torch.autocast(cpu, bf16) (`trl019_ppo_step.py --bf16`); TRL 0.19's PPOTrainer
     has no logits chunking or sampler log-probs to turn on. On a CPU without native bf16 both sides stay
     fp32 (bf16 there is emulated and slower).
   Not matched in `best`: which ops run in bf16 under autocast is torch's choice on both sides, but the
-    chunked output layer and sampler log-probs exist only on ours.
+    chunked output layer, sampler log-probs and bf16 storage of the frozen models exist only on ours (TRL's
+    reference and reward models keep fp32 weights, cast to bf16 by autocast at every forward).
 Known differences in the work done, not equalised: ours recomputes the behaviour log-probs with a
 training forward in `equal` (TRL reuses the generation logits; ours takes them from the sampler in
 `best` where the config has `logprobs_from`), and ours scores decoded text re-tokenised for
@@ -63,7 +67,7 @@ VENV_PACKAGES = ["torch==2.13.0", "trl==0.19.1", "transformers==4.53.3", "accele
 sys.path.insert(0, str(ROOT))
 
 from bench_common import (  # noqa: E402  (bench/, the script's own folder)
-    add_settings_arg, best_bf16, best_onpolicy_kwargs, print_ratio_table, settings_list,
+    add_settings_arg, best_bf16, best_onpolicy_kwargs, print_ratio_table, setting_model_kwargs, settings_list,
 )
 
 
@@ -109,13 +113,15 @@ def benchmark_prompts(path: str, n: int) -> list:
 
 
 def ours_setting_flags(setting: str) -> list[str]:
-    """bench/ppo.py's flags for a setting: `equal` = fp32, our defaults; `best` = bf16 autocast where the CPU has
-    native bf16, plus the config's speed options (`bench_common.best_onpolicy_kwargs`)."""
+    """bench/ppo.py's flags for a setting: `equal` = fp32 (frozen models too), our defaults; `best` = bf16 autocast
+    where the CPU has native bf16, with the frozen models (reference copy, reward model) stored in bf16 there
+    (`bench_common.setting_model_kwargs`), plus the config's speed options (`bench_common.best_onpolicy_kwargs`)."""
+    model_flags = [f"--{k.replace('_', '-')}={v}" for k, v in setting_model_kwargs(setting).items()]
     if setting == "equal":
-        return ["--cpu-autocast", "off"]
+        return ["--cpu-autocast", "off", *model_flags]
     from pipeline.config import PPOConfig
 
-    flags = ["--cpu-autocast", "on" if best_bf16() else "off"]
+    flags = ["--cpu-autocast", "on" if best_bf16() else "off", *model_flags]
     for key, value in best_onpolicy_kwargs(PPOConfig).items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     return flags
@@ -137,7 +143,7 @@ def run_ours(args, model_dir: str, out: Path, setting: str) -> dict:
             "tokens_per_s": fig["tokens_per_s"], "peak_rss_mb": fig["peak_rss_mb"],
             "generate_s": fig["generate_s"], "score_s": fig["score_s"], "train_s": fig["train_s"],
             "autocast_bf16": fig["autocast_bf16"], "logits_chunk_size": fig.get("logits_chunk_size"),
-            "logprobs_from": fig.get("logprobs_from"),
+            "logprobs_from": fig.get("logprobs_from"), "frozen_dtype": fig.get("frozen_dtype"),
             **{k: fig[k] for k in ("cpu_seconds_per_iteration", "cpu_generate_s", "cpu_score_s", "cpu_train_s")}}
 
 
@@ -175,7 +181,7 @@ def print_table(ours: dict | None, trl: dict | None, setting: str) -> None:
     print(f"\n== setting: {setting} ==")
     if ours:
         print(f"ours: bf16 autocast {ours.get('autocast_bf16')}, logits_chunk_size {ours.get('logits_chunk_size')}, "
-              f"logprobs_from {ours.get('logprobs_from')}")
+              f"logprobs_from {ours.get('logprobs_from')}, frozen models in {ours.get('frozen_dtype')}")
     if trl:
         print(f"trl 0.19: bf16 {trl.get('bf16', False)}")
     print_ratio_table(rows, ours, trl, "trl 0.19", 22)

@@ -63,6 +63,10 @@ class ModelConfig:
     device: str = "auto"
     # bf16 autocast on CPU: auto = on when the CPU has native bf16 (AMX / AVX512-BF16).
     cpu_autocast: Literal["auto", "on", "off"] = "auto"
+    # Storage dtype of the frozen models (PPO's reference copy under full fine-tuning, reward models scoring PPO
+    # rewards or eval answers, the distillation teacher). auto: bfloat16 when forwards run under bf16 autocast or
+    # the parameters are bf16 already, else the parameter dtype. Trainable models keep `dtype`.
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     trust_remote_code: bool = False
     revision: Optional[str] = None
     # The hub id of this model when `name_or_path` is a local directory or a .gguf file: adapters and model

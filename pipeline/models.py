@@ -100,6 +100,28 @@ def resolve_precision(cfg: ModelConfig) -> Precision:
     return Precision(device=device, dtype=dtype, autocast=autocast)
 
 
+FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def frozen_dtype(precision: Precision, cfg: Optional[ModelConfig] = None) -> torch.dtype:
+    """The storage dtype of frozen models (PPO's reference copy, reward-model scorers, the distillation teacher):
+    `model.frozen_dtype`. `auto`: bfloat16 when forwards run under bf16 autocast (autocast casts every matmul weight
+    to bf16 on each forward anyway, so fp32 storage only costs memory and the casts) or the parameters are bf16
+    already; else the parameter dtype. Trainable models keep `precision.dtype`."""
+    setting = getattr(cfg, "frozen_dtype", "auto") if cfg is not None else "auto"
+    if setting == "auto":
+        if precision.autocast or precision.dtype == torch.bfloat16:
+            return torch.bfloat16
+        return precision.dtype
+    if setting in FROZEN_DTYPES:
+        return FROZEN_DTYPES[setting]
+    raise ModelError(f"model.frozen_dtype: {setting!r} is not allowed; use auto, float32 or bfloat16.")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 # --------------------------------------------------------------------------------------------
 # Resolving a name to a directory
 # --------------------------------------------------------------------------------------------
@@ -257,13 +279,15 @@ def load_tokenizer_only(name_or_path: str, cfg: ModelConfig):
     return load_tokenizer(resolve_model_path(name_or_path), cfg)
 
 
-def load_causal_lm(path: str, cfg: ModelConfig, precision: Precision | None = None, tokenizer=None):
+def load_causal_lm(path: str, cfg: ModelConfig, precision: Precision | None = None, tokenizer=None,
+                   dtype: Optional[torch.dtype] = None):
+    """`dtype`: the storage dtype when not `precision.dtype` (a frozen model: `frozen_dtype`)."""
     from transformers import AutoModelForCausalLM
 
     precision = precision or resolve_precision(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=precision.dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+            path, dtype=dtype or precision.dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
         )
     except OSError as e:
         raise ModelError(f"model: could not load a causal LM from {path}: {e}") from None

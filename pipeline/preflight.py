@@ -372,6 +372,26 @@ def _device_of(model: ModelConfig, where: str):
     return device
 
 
+_FROZEN_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def check_frozen_dtype(model: ModelConfig, device, where: str) -> None:
+    """`model.frozen_dtype` (the storage dtype of frozen models): one of _FROZEN_DTYPES (the recipe parser already
+    refuses others; this also covers a ModelConfig built in code), and bfloat16 only where the device has it."""
+    value = getattr(model, "frozen_dtype", "auto")
+    if value not in _FROZEN_DTYPES:
+        hint = difflib.get_close_matches(str(value), _FROZEN_DTYPES, n=1)
+        extra = f" Did you mean `{hint[0]}`?" if hint else ""
+        raise RecipeError(f"{where}: `model.frozen_dtype` is {value!r}, not allowed.{extra} Use auto (bfloat16 under "
+                          "bf16 autocast or bf16 parameters, else the parameter dtype), float32 or bfloat16.")
+    if value == "bfloat16" and device.type == "cuda":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise RecipeError(f"{where}: `model.frozen_dtype: bfloat16` but this GPU has no bf16 support; use "
+                              "`model.frozen_dtype: auto` (the parameter dtype there) or float32.")
+
+
 def check_rules(recipe: Recipe, stages: list[str], where: str) -> None:
     if recipe.model.dtype not in _DTYPES:
         hint = difflib.get_close_matches(recipe.model.dtype, _DTYPES, n=1)
@@ -379,6 +399,7 @@ def check_rules(recipe: Recipe, stages: list[str], where: str) -> None:
         raise RecipeError(f"{where}: `model.dtype` is {recipe.model.dtype!r}, not a dtype.{extra} Use auto, float32, "
                           "bfloat16 or float16.")
     device = _device_of(recipe.model, where)
+    check_frozen_dtype(recipe.model, device, where)
     if "sft" in stages:
         from transformers import SchedulerType
 

@@ -52,7 +52,7 @@ class RewardModelScorer:
                  tokenizer=None):
         from transformers import AutoModelForSequenceClassification
 
-        from .models import load_tokenizer, resolve_model_path, resolve_precision
+        from .models import frozen_dtype, load_tokenizer, resolve_model_path, resolve_precision
 
         model_cfg = model_cfg or ModelConfig()
         self.precision = precision or resolve_precision(model_cfg)
@@ -61,8 +61,12 @@ class RewardModelScorer:
         if isinstance(path_or_model, (str, Path)):
             path = resolve_model_path(str(path_or_model))
             self.tokenizer = tokenizer or load_tokenizer(path, model_cfg)
+            # A model loaded here is frozen (PPO rewards, eval scores): stored in `model.frozen_dtype` (bf16 under
+            # bf16 autocast); a model passed in (the reward stage's own, in training) keeps its dtype.
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=self.precision.dtype, trust_remote_code=model_cfg.trust_remote_code)
+                path, num_labels=1, dtype=frozen_dtype(self.precision, model_cfg),
+                trust_remote_code=model_cfg.trust_remote_code)
+            self.model.requires_grad_(False)
             self.model.to(self.precision.device)
             norm = Path(path) / NORM_FILE
             if norm.exists():

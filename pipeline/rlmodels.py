@@ -19,8 +19,8 @@ import torch
 
 from .config import DistillConfig, PPOConfig, Recipe
 from .models import (
-    Precision, check_same_tokenizer, choose_layers, load_causal_lm, load_policy, load_tokenizer, peft_lora_config,
-    resolve_model_path, student_from_teacher,
+    Precision, check_same_tokenizer, choose_layers, dtype_name, frozen_dtype, load_causal_lm, load_policy,
+    load_tokenizer, peft_lora_config, resolve_model_path, student_from_teacher,
 )
 from .onpolicy import RolloutBatch, encode_prompts, in_micro_batches, model_inputs, unwrap_for_generation
 from .utils import log
@@ -146,7 +146,8 @@ def build_ppo_models(recipe: Recipe, cfg: PPOConfig, precision: Precision) -> PP
 
         policy = get_peft_model(policy, peft_lora_config(cfg.lora))
     else:
-        reference = copy.deepcopy(policy).requires_grad_(False)
+        # Frozen: stored in `model.frozen_dtype` (bf16 under bf16 autocast; its forwards still run under autocast).
+        reference = copy.deepcopy(policy).requires_grad_(False).to(frozen_dtype(precision, recipe.model))
     critic = None
     if cfg.advantage == "gae":
         critic = load_critic(recipe.resolve_model_ref(critic_source(cfg)), recipe, precision, tok, cfg.lora)
@@ -154,7 +155,25 @@ def build_ppo_models(recipe: Recipe, cfg: PPOConfig, precision: Precision) -> PP
     for m in (policy, reference, critic):
         if m is not None:
             m.eval()
+    log_frozen_dtype(recipe, cfg, precision, reference is not None)
     return PPOModels(policy=policy, tokenizer=tok, reference=reference, critic=critic)
+
+
+def log_frozen_dtype(recipe: Recipe, cfg: PPOConfig, precision: Precision, reference_copy: bool) -> None:
+    """One line naming the frozen models of a PPO run and their storage dtype (`model.frozen_dtype`); the reward
+    models are loaded by `rewards.build_reward` with the same dtype."""
+    frozen = []
+    if reference_copy:
+        frozen.append("the reference copy")
+    if not cfg.rewards or any(r.kind == "rm" for r in cfg.rewards):
+        frozen.append("the reward model")
+    setting = getattr(recipe.model, "frozen_dtype", "auto")
+    lora = "" if reference_copy else "; the reference is the policy with its LoRA adapter disabled"
+    if frozen:
+        log(f"ppo: frozen models ({', '.join(frozen)}) stored in {dtype_name(frozen_dtype(precision, recipe.model))} "
+            f"(model.frozen_dtype: {setting}); trainable models in {dtype_name(precision.dtype)}{lora}")
+    else:
+        log(f"ppo: no separate frozen model (verifier reward{lora}); model.frozen_dtype: {setting} unused")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,10 +199,15 @@ def build_distill_models(recipe: Recipe, cfg: DistillConfig, precision: Precisio
         student_tok = load_tokenizer(student_path, recipe.model)
         check_same_tokenizer(tok, student_tok, teacher_path, student_path)  # before any model is loaded
         tok = student_tok
-    teacher = load_causal_lm(teacher_path, recipe.model, precision, tok).requires_grad_(False)
+    t_dtype = frozen_dtype(precision, recipe.model)
     if student_path is not None:
+        # The teacher is frozen and shares no weights with the student: loaded in `model.frozen_dtype` directly.
+        teacher = load_causal_lm(teacher_path, recipe.model, precision, tok, dtype=t_dtype).requires_grad_(False)
         student = load_causal_lm(student_path, recipe.model, precision, tok)
     else:
+        # Loaded in the trainable dtype: the student is cut from these weights (exact copies), and influence_K
+        # scores the layers on them; the teacher is cast to `model.frozen_dtype` only after that.
+        teacher = load_causal_lm(teacher_path, recipe.model, precision, tok).requires_grad_(False)
         keep = cfg.student.from_teacher.keep_layers
         calibration = None
         if str(keep).startswith("influence_"):  # Block Influence measured on the first distillation prompts
@@ -193,6 +217,7 @@ def build_distill_models(recipe: Recipe, cfg: DistillConfig, precision: Precisio
             calibration = encode_prompts(tok, rows, precision.device)
         kept_layers = choose_layers(teacher, keep, calibration)
         student = student_from_teacher(teacher, kept_layers)
+        teacher.to(t_dtype)
     if cfg.lora is not None:
         from peft import get_peft_model
 
@@ -204,5 +229,7 @@ def build_distill_models(recipe: Recipe, cfg: DistillConfig, precision: Precisio
     n_s = unwrap_for_generation(student).config.get_text_config().num_hidden_layers
     log(f"distill: teacher {teacher_path} ({n_t} layers) -> student "
         f"{student_path or f'from the teacher, keep_layers={cfg.student.from_teacher.keep_layers}'} ({n_s} layers)")
+    log(f"distill: frozen teacher stored in {dtype_name(t_dtype)} (model.frozen_dtype: "
+        f"{getattr(recipe.model, 'frozen_dtype', 'auto')}); trainable student in {dtype_name(precision.dtype)}")
     return DistillModels(student=student, teacher=teacher, tokenizer=tok, vocab_size=len(tok),
                          kept_layers=kept_layers)
