@@ -27,11 +27,15 @@ CKPT_PREFIX = "iter-"
 class Interrupted(RuntimeError):
     """Raised after a resumable checkpoint was saved in response to SIGINT/SIGTERM."""
 
-    def __init__(self, signum: int, where: str):
+    def __init__(self, signum: int, where: str, saved: bool = True):
         self.signum = signum
         name = signal.Signals(signum).name
-        super().__init__(f"{name} received: saved a resumable checkpoint at {where}; run the same command "
-                         f"again to resume.")
+        if saved:
+            super().__init__(f"{name} received: saved a resumable checkpoint at {where}; run the same command "
+                             f"again to resume.")
+        else:  # a stage with nothing worth saving mid-way (evaluation): the finished stages are kept
+            super().__init__(f"{name} received: stopped {where}; the finished stages are kept, and the same "
+                             f"command runs this one again from its start.")
 
 
 class InterruptFlag:
@@ -79,6 +83,13 @@ def set_active_flag(flag: Optional[InterruptFlag]) -> None:
 def interrupt_signal() -> Optional[int]:
     """The signal received since the stage started, if any (checked by loops at safe points)."""
     return _ACTIVE.signum if _ACTIVE is not None else None
+
+
+def stop_if_interrupted(where: str) -> None:
+    """For stages that save nothing mid-way (evaluation): stop at this point once SIGINT/SIGTERM arrived."""
+    signum = interrupt_signal()
+    if signum is not None:
+        raise Interrupted(signum, where, saved=False)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -390,7 +390,10 @@ class _PipelineLMMethods:
         texts: list[str] = [""] * len(enc)
         was_training = self.model.training
         self.model.eval()
+        from .checkpoint import stop_if_interrupted
+
         for b, idx in enumerate(batches):
+            stop_if_interrupted(f"IFEval generation (batch {b + 1}/{len(batches)})")
             input_ids, attn = left_pad([enc[i] for i in idx], pad, self._device)
             autocast = self.precision.autocast_ctx() if self.precision is not None else contextlib.nullcontext()
             with torch.no_grad(), autocast:
@@ -463,7 +466,8 @@ def task_config(directory: Path, data_file: Path | str = IFEVAL_FILE) -> Path:
 def run_harness(model_path: str, *, limit: Optional[int] = None, max_gen_toks: Optional[int] = None,
                 batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
                 trust_remote_code: bool = False, data_file: Path | str = IFEVAL_FILE,
-                backend: str = "pipeline", model_cfg=None, cpu_autocast: str = "auto") -> dict:
+                backend: str = "pipeline", model_cfg=None, cpu_autocast: str = "auto",
+                name: Optional[str] = None) -> dict:
     """`lm_eval.simple_evaluate(model=..., tasks=[ifeval on data_file], apply_chat_template=True)`, greedy;
     `max_gen_toks` None keeps the task's own (1280). Returns the harness's output dict (`results`,
     `samples`, `configs`, ...) plus `generator` (which model client generated, and its counters).
@@ -471,7 +475,8 @@ def run_harness(model_path: str, *, limit: Optional[int] = None, max_gen_toks: O
     `backend="pipeline"` (default): a `PipelineLM` on the model loaded the pipeline's way
     (`models.load_policy` with `model_cfg`, the recipe's model section, or one built from `device`,
     `dtype`, `trust_remote_code`, `cpu_autocast`; `models.resolve_precision` decides bf16 autocast).
-    `backend="hf"`: the harness's own `hf` model (HFLM) on `model_path`, for cross-checking; slow on a CPU."""
+    `backend="hf"`: the harness's own `hf` model (HFLM) on `model_path`, for cross-checking; slow on a CPU.
+    `name`: the model's name in logs and in the harness's `model_name` (default: the path's last part)."""
     if backend not in GENERATORS:
         raise ValueError(f"run_harness: backend {backend!r} is not one of {', '.join(GENERATORS)}.")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -493,7 +498,7 @@ def run_harness(model_path: str, *, limit: Optional[int] = None, max_gen_toks: O
                            trust_remote_code=trust_remote_code))
         precision = resolve_precision(cfg)
         model, tok = load_policy(model_path, cfg, precision)
-        lm = pipeline_lm(model, tok, batch_size=batch_size, precision=precision, name=Path(model_path).name)
+        lm = pipeline_lm(model, tok, batch_size=batch_size, precision=precision, name=name or Path(model_path).name)
     with tempfile.TemporaryDirectory(prefix="rlhf-pipeline-ifeval-task-") as d:
         task_config(Path(d), data_file)
         tm = TaskManager(include_path=d, include_defaults=False)
@@ -566,7 +571,7 @@ def ifeval_set(models: list[tuple[str, str]], *, limit: Optional[int], max_gen_t
         t0 = time.time()
         out = run_harness(path, limit=limit, max_gen_toks=max_gen_toks, batch_size=batch_size, device=device,
                           dtype=dtype, trust_remote_code=trust_remote_code, data_file=data_file,
-                          backend=backend, model_cfg=model_cfg)
+                          backend=backend, model_cfg=model_cfg, name=name)
         seconds[name] = round(time.time() - t0, 1)
         upstream_gen = dict(out.get("configs", {}).get(LOCAL_TASK, {}).get("generation_kwargs", {}))
         generator = {k: v for k, v in out["generator"].items() if k != "stats"}

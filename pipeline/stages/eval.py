@@ -45,6 +45,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..checkpoint import stop_if_interrupted
 from ..config import EvalConfig, Recipe, RecipeError, RunConfig
 from ..data import load_rows, prompt_token_ids, prompt_examples
 from ..generation import Generations, generate, left_pad
@@ -305,6 +306,7 @@ def generate_with_progress(model, tok, prompts: list, *, batch_size: int, desc: 
     bar = tqdm(total=len(prompts), desc=desc, file=sys.stderr, disable=not tty)
     t0, done = time.time(), 0
     for b, idx in enumerate(batches):
+        stop_if_interrupted(f"the eval stage ({desc}, batch {b + 1}/{len(batches)})")
         g = generate(model, tok, [prompts[i] for i in idx], batch_size=batch_size, progress=False, **gen_kwargs)
         for j, i in enumerate(idx):
             texts[i], ids[i], ended[i] = g.texts[j], g.response_ids[j], g.ended[j]

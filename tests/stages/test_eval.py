@@ -136,6 +136,29 @@ def test_eval_progress_lines_when_stderr_is_not_a_terminal(tiny_model_dir, capsy
     assert "[pipeline] eval:" not in capsys.readouterr().err  # on a terminal: the tqdm bar instead
 
 
+def test_eval_generation_stops_at_the_next_batch_after_sigterm(tiny_model_dir):
+    """SIGTERM during evaluation stops before the next generate batch (nothing to save), not at the end."""
+    import signal
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.checkpoint import Interrupted, InterruptFlag, set_active_flag
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "word " * n}] for n in (5, 1, 9, 3)]
+    flag = InterruptFlag()
+    set_active_flag(flag)
+    try:
+        assert len(generate_with_progress(model, tok, prompts, batch_size=2, desc="d", max_new_tokens=3).texts) == 4
+        flag.signum = signal.SIGTERM
+        with pytest.raises(Interrupted, match="SIGTERM received: stopped the eval stage .d, batch 1/2.") as e:
+            generate_with_progress(model, tok, prompts, batch_size=2, desc="d", max_new_tokens=3)
+        assert e.value.signum == signal.SIGTERM and "checkpoint" not in str(e.value)
+    finally:
+        set_active_flag(None)
+
+
 def test_set_and_model_names():
     assert set_name("eval/constraints/heldout.jsonl") == "heldout"
     assert set_name("eval/ifeval/subset_supported.jsonl") == "ifeval_subset"
@@ -146,7 +169,7 @@ def test_set_and_model_names():
 def test_eval_recipe_parses():
     recipe = load_recipe(ROOT / "recipes" / "eval.yaml")
     assert recipe.stages == ["eval"] and recipe.eval.models == ["base"] and not recipe.eval.do_sample
-    assert [set_name(p) for p in recipe.eval.prompts] == ["heldout", "ifeval_subset"]
+    assert [set_name(p) for p in recipe.eval.prompts] == ["heldout"] and recipe.eval.ifeval
 
 
 # ------------------------------------------------------------------------------ KL
