@@ -7,6 +7,9 @@ IFEval verifiers; docs/ifeval.md).
     python data/make_constraints.py --skip-model     # template content only, for debugging and tests
     python data/make_constraints.py --skip-model --out /tmp/x   # writes /tmp/x/*.jsonl and /tmp/x/heldout/
 
+Held-out preference pairs (`prefs_heldout.jsonl`, next to heldout.jsonl; issue #22) are built from the
+held-out prompts by the same procedure as the training pairs, with a generator of their own.
+
 Deterministic for a seed. A prompt is a base task (a kind of writing x a topic) followed by 1 (~45 %),
 2 (~40 %) or 3 (~15 %) instructions, the least-used id drawn first so the ids stay balanced, never two
 that conflict (the registry's `INSTRUCTION_CONFLICTS`, `checkers.INCOMPATIBLE_PAIRS` when present, and
@@ -868,6 +871,56 @@ def length_only(a: str, b: str) -> bool:
     return long_[:len(short)] == short
 
 
+def build_pairs(records: list[dict], samples: list[str], k: int, rng: random.Random,
+                max_ranked: int = 0) -> tuple[list[dict], list[dict], Counter]:
+    """Preference pairs from `k` samples per record (`samples[j*k:(j+1)*k]` belong to `records[j]`): chosen
+    follows every instruction (a sample, else a repaired one), rejected fewer (a failing sample, else a sample
+    repaired with one instruction left out, else template prose); a record without a chosen or a rejected is
+    skipped (counted in the returned sources). Also up to `max_ranked` ranked lists. `rng` draws the template
+    prose and the order of the instructions to leave out."""
+    prefs: list[dict] = []
+    ranked: list[dict] = []
+    sources: Counter = Counter()
+    for j, r in enumerate(records):
+        total = len(r["instruction_id_list"])
+        outs = list(dict.fromkeys(s.strip() for s in samples[j * k:(j + 1) * k] if s.strip()))
+        passed = {s: n_passed(s, r) for s in outs}
+        template = template_content(r["topic"], rng, n=min(10, max(4, content_limits(r)["max_sentences"])))
+        chosen, c_src = next(((s, "sample") for s in outs if passed[s] == total), (None, "repaired"))
+        if chosen is None:
+            chosen = next((f for f in (repair(s, r) for s in outs + [template]) if f and judge(f, r)), None)
+        if chosen is None:
+            sources["skipped_no_chosen"] += 1
+            continue
+        rejected, r_src = next(((s, "sample") for s in outs if passed[s] < total and not length_only(chosen, s)),
+                               (None, None))
+        if rejected is None:  # every sample passed: repair one with an instruction left out (length last)
+            order = sorted(r["instruction_id_list"], key=lambda i: (i == WORDS, rng.random()))
+            for base, src in [(s, "undone") for s in outs] + [(template, "template")]:
+                for drop in order:
+                    cand = repair(base, r, drop)
+                    if cand and cand != chosen and n_passed(cand, r) < total and not length_only(chosen, cand):
+                        rejected, r_src = cand, src
+                        break
+                if rejected is not None:
+                    break
+        if rejected is None:
+            sources["skipped_no_rejected"] += 1
+            continue
+        sources[f"chosen_{c_src}"] += 1
+        sources[f"rejected_{r_src}"] += 1
+        prefs.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected,
+                      "instruction_id_list": r["instruction_id_list"], "kwargs": r["kwargs"],
+                      "chosen_source": c_src, "rejected_source": r_src})
+        # A ranked list: rank = number of instructions failed (ties share a rank).
+        candidates = list(dict.fromkeys([chosen] + outs))
+        if len(ranked) < max_ranked and len(candidates) >= 3:
+            fails = [total - n_passed(s, r) for s in candidates]
+            if len(set(fails)) > 1:
+                ranked.append({"prompt": r["prompt"], "responses": candidates, "ranks": fails})
+    return prefs, ranked, sources
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -922,6 +975,9 @@ class Sampler:
 TRAIN_FILES = ("sft.jsonl", "prefs.jsonl", "prefs_ranked.jsonl", "prompts.jsonl", "prompts_general.jsonl")
 DEFAULT_OUT = ROOT / "data" / "constraints"
 DEFAULT_HELDOUT = ROOT / "eval" / "constraints"
+# Held-out preference pairs (issue #22), next to heldout.jsonl; their generator is Random(seed + offset).
+HELDOUT_PAIRS_FILE = "prefs_heldout.jsonl"
+HELDOUT_PAIRS_SEED_OFFSET = 22_000
 
 
 def check_prompts(train: list[tuple[str, str]], held: list[str]) -> None:
@@ -943,6 +999,15 @@ def check_prompts(train: list[tuple[str, str]], held: list[str]) -> None:
                         f"({len(hits)} such prompt(s)); IFEval is for evaluation only.")
 
 
+def check_heldout_pairs(pairs: list[dict], train: list[tuple[str, str]]) -> None:
+    """DataError naming the pair when a held-out preference pair's prompt is a training prompt (`train`:
+    (where, prompt) of every training prompt: sft, prefs, prefs_ranked, prompts, prompts_general)."""
+    train_set = {p for _, p in train}
+    for i, r in enumerate(pairs, start=1):
+        if r["prompt"] in train_set:
+            raise DataError(f"{HELDOUT_PAIRS_FILE} row {i}: the held-out pair's prompt is also a training prompt.")
+
+
 def check_heldout(rows: list[dict], min_per_id: int) -> Counter:
     """Every one of the 25 ids occurs at least `min_per_id` times in the held-out prompts; returns the counts."""
     counts = Counter(i for r in rows for i in r["instruction_id_list"])
@@ -958,11 +1023,12 @@ def _read(path: Path) -> list[dict]:
 
 
 def check_disjoint(out: Path, held_out: Path) -> None:
-    """The written files: no held-out topic, framing or phrasing, no held-out prompt and no IFEval prompt in
-    any training prompt (DataError naming the file and row)."""
+    """The written files: no held-out topic, framing or phrasing, no held-out prompt (heldout.jsonl or a
+    held-out pair's) and no IFEval prompt in any training prompt (DataError naming the file and row)."""
     train = [(f"{out / name} row {i}", r["prompt"]) for name in TRAIN_FILES if (out / name).exists()
              for i, r in enumerate(_read(out / name), start=1)]
-    held = [r["prompt"] for r in _read(held_out / "heldout.jsonl")] if (held_out / "heldout.jsonl").exists() else []
+    held = [r["prompt"] for name in ("heldout.jsonl", HELDOUT_PAIRS_FILE) if (held_out / name).exists()
+            for r in _read(held_out / name)]
     check_prompts(train, held)
     # The same guard the training stages' data loading can use, on the files as written.
     assert_no_ifeval_prompts([out / name for name in TRAIN_FILES])
@@ -1069,45 +1135,7 @@ def run(args: argparse.Namespace) -> dict:
     flat = [r["prompt"] for r in pref_p for _ in range(k)]
     samples = sample(flat, True, 112, "preference samples") if not args.skip_model else [
         template_content(r["topic"], rng) for r in pref_p for _ in range(k)]
-    prefs, ranked = [], []
-    sources: Counter = Counter()
-    for j, r in enumerate(pref_p):
-        total = len(r["instruction_id_list"])
-        outs = list(dict.fromkeys(s.strip() for s in samples[j * k:(j + 1) * k] if s.strip()))
-        passed = {s: n_passed(s, r) for s in outs}
-        template = template_content(r["topic"], rng, n=min(10, max(4, content_limits(r)["max_sentences"])))
-        chosen, c_src = next(((s, "sample") for s in outs if passed[s] == total), (None, "repaired"))
-        if chosen is None:
-            chosen = next((f for f in (repair(s, r) for s in outs + [template]) if f and judge(f, r)), None)
-        if chosen is None:
-            sources["skipped_no_chosen"] += 1
-            continue
-        rejected, r_src = next(((s, "sample") for s in outs if passed[s] < total and not length_only(chosen, s)),
-                               (None, None))
-        if rejected is None:  # every sample passed: repair one with an instruction left out (length last)
-            order = sorted(r["instruction_id_list"], key=lambda i: (i == WORDS, rng.random()))
-            for base, src in [(s, "undone") for s in outs] + [(template, "template")]:
-                for drop in order:
-                    cand = repair(base, r, drop)
-                    if cand and cand != chosen and n_passed(cand, r) < total and not length_only(chosen, cand):
-                        rejected, r_src = cand, src
-                        break
-                if rejected is not None:
-                    break
-        if rejected is None:
-            sources["skipped_no_rejected"] += 1
-            continue
-        sources[f"chosen_{c_src}"] += 1
-        sources[f"rejected_{r_src}"] += 1
-        prefs.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected,
-                      "instruction_id_list": r["instruction_id_list"], "kwargs": r["kwargs"],
-                      "chosen_source": c_src, "rejected_source": r_src})
-        # A ranked list: rank = number of instructions failed (ties share a rank).
-        candidates = list(dict.fromkeys([chosen] + outs))
-        if len(ranked) < 20 and len(candidates) >= 3:
-            fails = [total - n_passed(s, r) for s in candidates]
-            if len(set(fails)) > 1:
-                ranked.append({"prompt": r["prompt"], "responses": candidates, "ranks": fails})
+    prefs, ranked, sources = build_pairs(pref_p, samples, k, rng, max_ranked=20)
 
     # 4. Prompt-only records: RL, general (no instructions), held-out.
     def prompt_rows(rows: list[dict], prefix: str) -> list[dict]:
@@ -1120,13 +1148,25 @@ def run(args: argparse.Namespace) -> dict:
              "prompts.jsonl": prompt_rows(rl_p, "rl"), "prompts_general.jsonl": general_rows}
     held_rows = prompt_rows(held_p, "heldout")
 
+    # 4b. Held-out preference pairs (issue #22): the same procedure as the training pairs on the held-out
+    #     prompts (held-out framings, topics and phrasings), to measure the reward model on pairs it never
+    #     trained on. Drawn last and with a generator of its own, so every file above is unchanged.
+    held_rng = random.Random(args.seed + HELDOUT_PAIRS_SEED_OFFSET)
+    flat_held = [r["prompt"] for r in held_p for _ in range(k)]
+    held_samples = sample(flat_held, True, 112, "held-out preference samples") if not args.skip_model else [
+        template_content(r["topic"], held_rng) for r in held_p for _ in range(k)]
+    held_prefs, _, held_sources = build_pairs(held_p, held_samples, k, held_rng)
+
     # 5. Checks before anything is written: held-out coverage, disjointness, no IFEval prompt in training.
     held_counts = check_heldout(held_rows, args.min_heldout_per_id)
-    check_prompts([(f"{name} row {i}", row["prompt"]) for name, rows in files.items()
-                   for i, row in enumerate(rows, start=1)], [r["prompt"] for r in held_rows])
+    train_prompts = [(f"{name} row {i}", row["prompt"]) for name, rows in files.items()
+                     for i, row in enumerate(rows, start=1)]
+    check_prompts(train_prompts, [r["prompt"] for r in held_rows])
+    check_heldout_pairs(held_prefs, train_prompts)
     for name, rows in files.items():
         write_jsonl(out / name, rows)
     write_jsonl(held_out / "heldout.jsonl", held_rows)
+    write_jsonl(held_out / HELDOUT_PAIRS_FILE, held_prefs)
     check_disjoint(out, held_out)
 
     def id_counts(rows: list[dict]) -> dict:
@@ -1135,14 +1175,16 @@ def run(args: argparse.Namespace) -> dict:
 
     stats = {
         "out": str(out), "heldout_out": str(held_out),
-        "rows": {**{name.removesuffix(".jsonl"): len(rows) for name, rows in files.items()}, "heldout": len(held_rows)},
+        "rows": {**{name.removesuffix(".jsonl"): len(rows) for name, rows in files.items()}, "heldout": len(held_rows),
+                 "prefs_heldout": len(held_prefs)},
         "pairs": dict(sorted(sources.items())),
+        "pairs_heldout": dict(sorted(held_sources.items())),
         "instructions_per_prompt": dict(sorted(Counter(len(r["instruction_id_list"])
                                                        for r in rl_p + held_p).items())),
         "phrasing_sources_train": dict(Counter(s for r in sft_p + pref_p + rl_p for s in r["sources"])),
         "fixable_ids": len(fixable),
         "ids": {"sft": id_counts(sft_rows), "prefs": id_counts(prefs), "prompts": id_counts(rl_p),
-                "heldout": {i: held_counts[i] for i in ids}},
+                "heldout": {i: held_counts[i] for i in ids}, "prefs_heldout": id_counts(held_prefs)},
     }
     print(json.dumps(stats, indent=1))
     return stats

@@ -376,6 +376,9 @@ class DistillConfig(OnPolicyConfig):
     # (or an empty) instruction_id_list; the pass rate counts the rows with instructions only.
     extra_prompts: list[DataRef] = field(default_factory=list)
     heldout_prompts: Optional[DataRef] = None
+    # The stage's own held-out comparison of student and teacher (pass rates, KL by position; heldout.json).
+    # false: skip it, e.g. when a later eval stage scores the student on the same prompts anyway.
+    heldout_eval: bool = True
     # Prompts per generate call in the held-out evaluation (default: rollout_batch_size). Larger batches
     # mean fewer sequential decode steps; greedy answers do not depend on it.
     heldout_batch_size: Optional[int] = None

@@ -433,7 +433,7 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
     check_student_options(cfg, recipe.source or "<recipe>")
     precision, accelerator = accelerate_precision(recipe.model)
     prompts = prompt_pool(cfg, recipe.source or "<recipe>")
-    spec = heldout_spec(cfg)
+    spec = heldout_spec(cfg) if cfg.heldout_eval else None
     heldout = prompt_examples(load_rows(spec), spec) if spec else None
     demos = sft_examples(load_rows(cfg.warmup_data), cfg.warmup_data) if cfg.warmup_iterations else None
     models = build_models(recipe, cfg, precision)
@@ -456,6 +456,8 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
             "heldout_forward_kl": result["forward_kl_per_token"],
             "heldout_reverse_kl_by_position": result["reverse_kl_by_position"],
         })
+    elif not cfg.heldout_eval:
+        log("distill: distill.heldout_eval is false; no held-out comparison in this stage")
     elif not heldout:
         log("distill: no held-out prompts (distill.heldout_prompts, or eval/constraints/heldout.jsonl); skipping "
             "the held-out evaluation")

@@ -426,6 +426,21 @@ def test_stage_run_writes_final_student_heldout_and_metrics(tmp_path):
     assert (stage / "samples.jsonl").exists() and (stage / "summary.json").exists()
 
 
+def test_heldout_eval_false_skips_the_stages_own_heldout_comparison(tmp_path):
+    from pipeline.runner import run_recipe
+
+    tok = build_tiny_tokenizer()
+    peaked_teacher(tok, n_layers=4).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    held = write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": "Describe a cat. Do not use any commas.",
+                                                     "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}])
+    recipe = _recipe(tmp_path, tmp_path / "teacher", heldout_prompts=str(held), heldout_eval=False, iterations=1)
+    summary = run_recipe(recipe)["distill"]
+    stage = tmp_path / "run" / "distill"
+    assert (stage / "final").is_dir() and not (stage / "heldout.json").exists()
+    assert not any(k.startswith("heldout_") for k in summary)
+
+
 def test_distill_recipe_parses():
     from pipeline.config import load_recipe
 
