@@ -697,37 +697,48 @@ def _fix_placeholders(text: str, kw: dict) -> str:
 
 
 def _fix_highlights(text: str, kw: dict) -> str:
-    """Bold whole sentences (``**like this**``, the markdown emphasis chat models already write, which the
-    harness counts as one highlight), spread over the answer. Short answers fall back to clauses. The final
-    punctuation stays outside the bold, so sentence counters see the same sentences."""
+    """Put single asterisks (``*like this*``, the markdown the instructions themselves show) around whole
+    sentences, spread over the answer; short answers fall back to clauses, then to a sentence after its first
+    word. The final punctuation stays outside, so sentence counters see the same sentences. A highlight never
+    opens a line: ``*`` there would make the line a bullet (and after a list marker the harness pairs the
+    marker's ``*`` with the highlight's)."""
     n = kw["num_highlights"]
     if check_instruction(HIGHLIGHTS, text, kw):
         return text
     lines = text.split("\n")
 
-    def spans(pattern: str) -> list[tuple[int, int, int]]:  # (line, start, end), bullet markers excluded
+    def spans(pattern: str, skip_first_word: bool = False) -> list[tuple[int, int, int]]:  # (line, start, end)
         out = []
         for li, line in enumerate(lines):
             lead = len(line) - len(_LIST_MARKER.sub("", line)) if _is_bullet_line(line) else 0
+            lead += len(line[lead:]) - len(line[lead:].lstrip())
             for m in re.finditer(pattern, line[lead:]):
                 piece = m.group(0)
                 body = piece.rstrip(" .!?,;:")
                 start = lead + m.start() + (len(body) - len(body.lstrip()))
                 body = body.strip()
-                if len(re.findall(r"[A-Za-z0-9]+", body)) < 2 or any(c in body for c in "*[]<>"):
+                if skip_first_word and start == lead:
+                    first = re.match(r"\S+\s+", body)
+                    if first is None:
+                        continue
+                    start, body = start + first.end(), body[first.end():]
+                if (start == lead or len(re.findall(r"[A-Za-z0-9]+", body)) < 2
+                        or any(c in body for c in "*[]<>")):
                     continue
                 out.append((li, start, start + len(body)))
         return out
 
-    candidates = spans(r"[^.!?]+[.!?]*")  # sentences
+    candidates = spans(r"[^.!?]+[.!?]*")  # sentences after the first of their line
     if len(candidates) < n:
         candidates = spans(r"[^.!?,;:]+[.!?,;:]*")  # clauses
+    if len(candidates) < n:
+        candidates = spans(r"[^.!?]+[.!?]*", skip_first_word=True)  # every sentence, from its second word
     if len(candidates) < n:
         raise ValueError(f"text has too few sentences or clauses for {n} highlighted sections")
     chosen = sorted({candidates[round(j * (len(candidates) - 1) / max(n - 1, 1))] for j in range(n)})
     for li, start, end in sorted(chosen, reverse=True):
         line = lines[li]
-        lines[li] = f"{line[:start]}**{line[start:end]}**{line[end:]}"
+        lines[li] = f"{line[:start]}*{line[start:end]}*{line[end:]}"
     return "\n".join(lines)
 
 

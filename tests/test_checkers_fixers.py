@@ -190,10 +190,11 @@ def test_fixer_outputs_in_detail():
     out = apply_constraint("detectable_content:number_placeholders", text, {"num_placeholders": 2})
     assert out == text + " You can reach [name] at [email] for more."
     out = apply_constraint("detectable_format:number_highlighted_sections", text, {"num_highlights": 2})
-    # whole sentences in bold, the final punctuation outside: the first and the last sentence for two
-    assert out.replace("*", "") == text and out.count("**") == 4
-    assert out.startswith("**Rivers shape the land over long periods of time**. ")
-    assert out.endswith(" **Today, dams and levees change how rivers behave**.")
+    # whole sentences in single asterisks, the final punctuation outside, never at the start of a line: the
+    # second sentence and the last for two
+    assert out.replace("*", "") == text and out.count("*") == 4 and not out.startswith("*")
+    assert out.startswith("Rivers shape the land over long periods of time. *They carve valleys, move sediment, and ")
+    assert out.endswith(" *Today, dams and levees change how rivers behave*.")
     out = apply_constraint("length_constraints:number_sentences", text, {"num_sentences": 3,
                                                                            "relation": "less than"})
     assert text.startswith(out) and out.endswith("feed wetlands.")
