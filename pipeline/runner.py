@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .config import Recipe, dump_recipe
 from .data import LOCAL_SUFFIXES, load_rows, preference_examples, prompt_examples, sft_examples
-from .utils import atomic_write_json, atomic_write_text, log, package_versions, set_seed
+from .utils import atomic_write_json, atomic_write_text, log, package_versions, release_memory, set_seed
 
 STAGE_MODULES = {s: f"pipeline.stages.{s}" for s in ("sft", "reward", "ppo", "distill", "eval")}
 
@@ -355,6 +355,7 @@ def _run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = F
                 summary = stage_module(stage).run(recipe, stage_dir)
             finally:
                 set_active_flag(None)
+                release_memory()  # the next stage starts from what it needs, not on top of this one's heap
         summary = {"stage": stage, "seconds": round(time.time() - t0, 1), **(summary or {})}
         summary["peak_rss_gb"] = peak_rss_gb()  # the process's peak so far: the stage that raises it needed it
         summaries[stage] = summary
