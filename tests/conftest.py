@@ -90,3 +90,20 @@ def sft_rows():
         {"prompt": f"write about topic {i} in lowercase", "completion": f"the answer {i} is in lowercase"}
         for i in range(24)
     ]
+
+
+def load_make_constraints():
+    """data/make_constraints.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "data" / "make_constraints.py"
+    spec = importlib.util.spec_from_file_location("make_constraints", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def mc():
+    """The data script's module, loaded once per test module."""
+    return load_make_constraints()

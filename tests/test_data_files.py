@@ -4,12 +4,12 @@ follow fewer instructions, and held-out topics/phrasings and IFEval prompts neve
 
 Row counts are checked as minimums only, so the tests hold for any regeneration with the default sizes."""
 
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from conftest import load_make_constraints
 from pipeline.checkers import FIXABLE_IDS, check_record, validate_record
 from pipeline.data import load_rows, preference_examples, prompt_examples, sft_examples
 
@@ -17,13 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "constraints"
 HELDOUT = ROOT / "eval" / "constraints" / "heldout.jsonl"
 TRAIN_FILES = ("sft.jsonl", "prefs.jsonl", "prefs_ranked.jsonl", "prompts.jsonl", "prompts_general.jsonl")
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("make_constraints", ROOT / "data" / "make_constraints.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _rows(name):
@@ -47,7 +40,7 @@ def test_files_load_in_their_formats():
 
 
 def test_all_25_ids_covered():
-    ids = set(_script().all_ids())
+    ids = set(load_make_constraints().all_ids())
     assert len(ids) == 25
     rl = Counter(i for r in _rows("prompts.jsonl") for i in r["instruction_id_list"])
     assert set(rl) == ids and min(rl.values()) >= 8
@@ -79,7 +72,7 @@ def test_repeat_prompt_kwargs_match_the_prompt():
 
 
 def test_pools_are_disjoint_and_heldout_unseen():
-    mod = _script()
+    mod = load_make_constraints()
     assert not set(mod.TRAIN_TOPICS) & set(mod.HELDOUT_TOPICS)
     assert not set(mod.TRAIN_TASKS) & set(mod.HELDOUT_TASKS)
     for iid, (train, held) in mod.PHRASINGS.items():

@@ -2,7 +2,6 @@
 balanced and never conflicting, feasible kwargs, held-out pools unseen in training, the IFEval guard, and
 pairs whose chosen follows more instructions than the rejected."""
 
-import importlib.util
 import json
 import random
 import shutil
@@ -11,24 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_make_constraints
 from pipeline import checkers
 from pipeline.checkers import FIXABLE_IDS, check_record, validate_record
 from pipeline.data import DataError, load_rows, preference_examples, prompt_examples, sft_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FILES = ("sft.jsonl", "prefs.jsonl", "prefs_ranked.jsonl", "prompts.jsonl", "prompts_general.jsonl")
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("make_constraints", ROOT / "data" / "make_constraints.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def mc():
-    return _script()
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +165,7 @@ def test_pairs_chosen_follows_more_than_rejected_and_not_length_only(mc, built):
 
 
 def test_length_only():
-    mc = _script()
+    mc = load_make_constraints()
     assert mc.length_only("One two three. Four.", "One two three.")
     assert mc.length_only("One two.", "One two. Thanks for reading.")
     assert not mc.length_only("one two three.", "One two three.")  # a case change is not length
@@ -217,7 +205,7 @@ def test_every_phrasing_fills_from_registry_kwargs(mc):
 
 
 def test_content_cut_skips_loops_and_stray_quotes():
-    mc = _script()
+    mc = load_make_constraints()
     looped = ("Caves are big rooms. They are made of walls and floors that are made of walls. "
               "They are made of walls and floors that are made of walls and rock. Bats live there. Bats live there.")
     assert mc.whole_sentences(looped) == ("Caves are big rooms. They are made of walls and floors that are made "
@@ -227,7 +215,7 @@ def test_content_cut_skips_loops_and_stray_quotes():
 
 
 def test_content_limits_fit_the_instructions():
-    mc = _script()
+    mc = load_make_constraints()
     rec = lambda ids, kws: {"instruction_id_list": ids, "kwargs": kws}  # noqa: E731
     assert mc.content_limits(rec([mc.LOWER], [{}])) == {"max_sentences": 4, "max_words": 60}
     assert mc.content_limits(rec([mc.WORDS], [{"relation": "at least", "num_words": 60}]))["max_words"] >= 60

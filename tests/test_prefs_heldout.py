@@ -3,7 +3,6 @@ small counts, in tmp_path): `prefs_heldout.jsonl` is written next to the held-ou
 chosen follows every instruction and rejected fewer (the script's own judge), its prompts are held-out prompts
 and never training prompts, and drawing it leaves every other file unchanged."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -18,20 +17,8 @@ ARGS = ["--skip-model", "--n-sft", "40", "--n-prefs", "20", "--n-prompts", "60",
         "--n-general", "10"]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("make_constraints", ROOT / "data" / "make_constraints.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _read(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-@pytest.fixture(scope="module")
-def mc():
-    return _script()
 
 
 @pytest.fixture(scope="module")
