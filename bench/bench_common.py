@@ -77,6 +77,17 @@ def has_field(cls, name: str) -> bool:
     return any(f.name == name for f in dataclasses.fields(cls))
 
 
+def optional_field(cls, name: str, value, flag: str) -> dict:
+    """`{name: value}` for a config class that has the field; else `{}` and a note that `flag` was ignored
+    (the benches also run on older versions of the pipeline, for before/after figures)."""
+    if value is None:
+        return {}
+    if has_field(cls, name):
+        return {name: value}
+    print(f"note: this version's {cls.__name__} has no {name}; {flag} {value} ignored", flush=True)
+    return {}
+
+
 def best_onpolicy_kwargs(cls, logits_chunk_size: int = BEST_LOGITS_CHUNK, sampler_logprobs: bool = True) -> dict:
     """Our on-policy config's speed options for the `best` setting, each only where `cls` has the field: the output
     layer in chunks (`logits_chunk_size`) and, with `sampler_logprobs` (PPO; distillation rejects it, its

@@ -33,7 +33,7 @@ from pipeline.rlmodels import ValueModel  # noqa: E402
 from pipeline.rlmodels import PPOModels  # noqa: E402
 from pipeline.stages.ppo import build_models, train_ppo  # noqa: E402
 
-from bench_common import CPUThroughput, has_field  # noqa: E402  (bench/, the script's own folder)
+from bench_common import CPUThroughput, has_field, optional_field  # noqa: E402  (bench/, the script's own folder)
 
 
 def peak_rss_mb() -> float:
@@ -94,25 +94,14 @@ def prepare(args):
     """-> (models, reward, prompts, cfg, precision, model_cfg) for the PPO run `args` (build_parser's) describes."""
     from pipeline.rewards import RewardModelScorer, VerifierReward
 
-    model_extra = {}
-    if args.frozen_dtype is not None:
-        if has_field(ModelConfig, "frozen_dtype"):
-            model_extra["frozen_dtype"] = args.frozen_dtype
-        else:
-            print(f"note: this version's ModelConfig has no frozen_dtype; --frozen-dtype {args.frozen_dtype} ignored",
-                  flush=True)
+    model_extra = optional_field(ModelConfig, "frozen_dtype", args.frozen_dtype, "--frozen-dtype")
     model_cfg = ModelConfig(name_or_path=args.policy, cpu_autocast=args.cpu_autocast, **model_extra)
     precision = resolve_precision(model_cfg)
     minibatch = args.minibatch_size or min(8, args.batch)
     extra = {}
     if args.logits_chunk_size is not None:
         extra["logits_chunk_size"] = args.logits_chunk_size
-    if args.logprobs_from is not None:
-        if has_field(PPOConfig, "logprobs_from"):
-            extra["logprobs_from"] = args.logprobs_from
-        else:
-            print(f"note: this version's PPOConfig has no logprobs_from; --logprobs-from {args.logprobs_from} ignored",
-                  flush=True)
+    extra.update(optional_field(PPOConfig, "logprobs_from", args.logprobs_from, "--logprobs-from"))
     cfg = PPOConfig(policy_from="base", reward_from=args.reward, critic_from="policy", prompts=args.prompts,
                     iterations=args.iterations, rollout_batch_size=args.batch, minibatch_size=minibatch,
                     micro_batch_size=args.micro_batch_size or minibatch, max_new_tokens=args.max_new_tokens,
