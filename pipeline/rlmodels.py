@@ -167,7 +167,7 @@ def log_frozen_dtype(recipe: Recipe, cfg: PPOConfig, precision: Precision, refer
         frozen.append("the reference copy")
     if not cfg.rewards or any(r.kind == "rm" for r in cfg.rewards):
         frozen.append("the reward model")
-    setting = getattr(recipe.model, "frozen_dtype", "auto")
+    setting = recipe.model.frozen_dtype
     lora = "" if reference_copy else "; the reference is the policy with its LoRA adapter disabled"
     if frozen:
         log(f"ppo: frozen models ({', '.join(frozen)}) stored in {dtype_name(frozen_dtype(precision, recipe.model))} "
@@ -230,6 +230,6 @@ def build_distill_models(recipe: Recipe, cfg: DistillConfig, precision: Precisio
     log(f"distill: teacher {teacher_path} ({n_t} layers) -> student "
         f"{student_path or f'from the teacher, keep_layers={cfg.student.from_teacher.keep_layers}'} ({n_s} layers)")
     log(f"distill: frozen teacher stored in {dtype_name(t_dtype)} (model.frozen_dtype: "
-        f"{getattr(recipe.model, 'frozen_dtype', 'auto')}); trainable student in {dtype_name(precision.dtype)}")
+        f"{recipe.model.frozen_dtype}); trainable student in {dtype_name(precision.dtype)}")
     return DistillModels(student=student, teacher=teacher, tokenizer=tok, vocab_size=len(tok),
                          kept_layers=kept_layers)
