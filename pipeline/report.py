@@ -121,7 +121,8 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     p, z2 = k / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Exact at the ends: k = 0 gives centre == half, and rounding there would leave a 1e-18 lower bound.
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def is_regression(test: dict, alpha: float = ALPHA) -> bool:
@@ -428,7 +429,8 @@ def plot_pass_rates(results: dict, out: Path) -> Optional[Path]:
         rates = [s["models"][m]["pass_rate"] for m in models]
         cis = [_ci(s["models"][m]) for m in models]
         x = list(range(len(models)))
-        ax.errorbar(x, rates, yerr=[[r - c[0] for r, c in zip(rates, cis)], [c[1] - r for r, c in zip(rates, cis)]],
+        ax.errorbar(x, rates, yerr=[[max(0.0, r - c[0]) for r, c in zip(rates, cis)],
+                                        [max(0.0, c[1] - r) for r, c in zip(rates, cis)]],
                     fmt="o", capsize=4, color="C0")
         for p in s.get("paired", []):
             if p["model"] in models and p["against"] in models:

@@ -103,6 +103,24 @@ def peak_rss_gb() -> "float | None":
     return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e9, 2)
 
 
+def reset_gpu_peak() -> None:
+    """Start a stage's GPU memory peak from zero (no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gpu_gb() -> "float | None":
+    """The GPU memory this process's tensors held at most since `reset_gpu_peak` (this device, GB); None
+    without CUDA. The caching allocator reserves somewhat more (`torch.cuda.max_memory_reserved`)."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2)
+
+
 def stage_input_files(recipe: Recipe) -> dict[str, dict[str, str]]:
     """{stage: {path: sha256}} for the local data files each stage section names (hub datasets and
     run references such as `sft` are not files and are left out)."""
@@ -349,6 +367,7 @@ def _run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = F
         stage_dir.mkdir(parents=True, exist_ok=True)
         log(f"=== stage {stage} -> {stage_dir}")
         t0 = time.time()
+        reset_gpu_peak()
         with InterruptFlag() as flag:
             set_active_flag(flag)
             try:
@@ -358,6 +377,8 @@ def _run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = F
                 release_memory()  # the next stage starts from what it needs, not on top of this one's heap
         summary = {"stage": stage, "seconds": round(time.time() - t0, 1), **(summary or {})}
         summary["peak_rss_gb"] = peak_rss_gb()  # the process's peak so far: the stage that raises it needed it
+        if (gpu := peak_gpu_gb()) is not None:
+            summary["peak_gpu_gb"] = gpu  # this stage's own peak (reset above)
         summaries[stage] = summary
         if not main:
             continue

@@ -136,6 +136,18 @@ def test_wilson_interval_matches_hand_computation():
     assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
+def test_wilson_interval_is_exact_at_the_ends_and_the_chart_draws_a_zero_rate(tmp_path):
+    # At k = 0 the formula's centre and half-width are equal; rounding left a 1.7e-18 lower bound, which
+    # made matplotlib refuse the headline chart's (then negative) error bar when a model passed nothing.
+    assert wilson_interval(0, 125)[0] == 0.0 and wilson_interval(125, 125)[1] == 1.0
+    from pipeline.report import plot_pass_rates
+
+    results = {"sets": {"heldout": {"models": {m: {"pass_rate": r, "n_checked": 125}
+                                               for m, r in (("base", 0.0), ("sft", 1.0), ("ppo", 0.2))},
+                                    "paired": []}}}
+    assert plot_pass_rates(results, tmp_path / "pass_rates.png").exists()
+
+
 def test_smooth_is_a_bias_corrected_ema():
     # span 3: a = 0.5; [0, 2]: s1 = (0.5*0*0.5 + 0.5*2) / (0.25 + 0.5) = 1 / 0.75
     assert smooth([0.0, 2.0], span=3) == pytest.approx([0.0, 4 / 3])
