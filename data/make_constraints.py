@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline import checkers  # noqa: E402
 from pipeline.checkers import apply_constraints, check_record, validate_record  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
+from pipeline.format_probe import format_negative_pairs  # noqa: E402
 from pipeline.ifeval import assert_no_ifeval_prompts, find_ifeval_prompts, harness  # noqa: E402
 from pipeline.utils import atomic_write_text  # noqa: E402
 
@@ -1052,6 +1053,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-general", type=int, default=200, help="prompts without instructions (prompts_general)")
     ap.add_argument("--min-heldout-per-id", type=int, default=4)
     ap.add_argument("--samples", type=int, default=2, help="samples per preference prompt")
+    ap.add_argument("--format-negatives", type=int, default=12,
+                    help="pairs per unrequested format (chosen vs chosen + a format its prompt did not ask for)")
     ap.add_argument("--skip-model", action="store_true", help="template content instead of model samples")
     ap.add_argument("--sft-content", choices=["bare", "instructed"], default="bare",
                     help="SFT content: the model's greedy answer to the bare task (default), or to the prompt WITH "
@@ -1136,6 +1139,13 @@ def run(args: argparse.Namespace) -> dict:
     samples = sample(flat, True, 112, "preference samples") if not args.skip_model else [
         template_content(r["topic"], rng) for r in pref_p for _ in range(k)]
     prefs, ranked, sources = build_pairs(pref_p, samples, k, rng, max_ranked=20)
+    # 3b. Unrequested-format pairs: the chosen side above is where P.S. lines, ALL CAPS, <<titles>> and quoted
+    #     replies appear (their prompts asked), so a reward model can learn "marker -> better" and PPO then adds
+    #     the marker everywhere. These pairs prefer the answer without a format its prompt did not ask for.
+    #     Appended last, drawn with a generator of their own: the rows above are unchanged.
+    negatives = format_negative_pairs(prefs, random.Random(f"format-negatives-{args.seed}"), args.format_negatives)
+    sources.update(p["rejected_source"] for p in negatives)
+    prefs += negatives
 
     # 4. Prompt-only records: RL, general (no instructions), held-out.
     def prompt_rows(rows: list[dict], prefix: str) -> list[dict]:

@@ -165,6 +165,10 @@ class SFTConfig:
 class RewardConfig:
     data: DataRef = ""
     eval_data: Optional[DataRef] = None
+    # Unrequested-format probe (pipeline/format_probe.py) on up to this many held-out pairs whose rows carry
+    # `instruction_id_list`: how often the model prefers a chosen answer with a P.S./CAPS/title/quotes added
+    # that its prompt did not ask for. 0 = off.
+    format_probe_rows: int = 48
     # The data's column names for prompt / chosen / rejected / margin / responses / ranks.
     columns: Optional[ColumnMap] = None
     eval_fraction: float = 0.1

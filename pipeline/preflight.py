@@ -144,6 +144,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "center_coef": _r(NONNEG, "the weight of the score-centering term; 0: off"),
         "logging_steps": _r(COUNT, "optimizer steps between logged metrics"),
         "norm_samples": _r(COUNT, "policy samples for the normalisation statistics"),
+        "format_probe_rows": _r(NONNEG, "held-out pairs for the unrequested-format probe; 0: off"),
         "max_new_tokens": _r(COUNT, "tokens per normalisation sample"),
         "checkpoint_every": _r(COUNT, "optimizer steps between checkpoints"),
         "max_rows": _r(COUNT, "rows read from `data`; null: all"),

@@ -52,14 +52,20 @@ def test_all_25_ids_covered():
 
 
 def test_demonstrations_and_pairs_are_judged_correctly():
+    from pipeline.format_probe import add_format
+
     for row in _rows("sft.jsonl"):
         assert all(check_record(row["completion"], row["instruction_id_list"], row["kwargs"])), row["prompt"]
     sources = set()
     for row in _rows("prefs.jsonl"):
         chosen = check_record(row["chosen"], row["instruction_id_list"], row["kwargs"])
         rejected = check_record(row["rejected"], row["instruction_id_list"], row["kwargs"])
-        assert all(chosen) and sum(chosen) > sum(rejected), row["prompt"]
         sources.add(row["rejected_source"])
+        if row["rejected_source"].startswith("unrequested_"):  # chosen plus a format the prompt did not ask for
+            name = row["rejected_source"].removeprefix("unrequested_")
+            assert all(chosen) and row["rejected"] == add_format(name, row["chosen"]), row["prompt"]
+            continue
+        assert all(chosen) and sum(chosen) > sum(rejected), row["prompt"]
     assert "sample" in sources, "pairs come from real model samples, not only templates"
 
 

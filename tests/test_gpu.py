@@ -52,7 +52,7 @@ def test_models_land_on_cuda_in_bf16(tmp_path):
     from pipeline.models import load_causal_lm
 
     path = save_tiny(tmp_path / "tiny")
-    model, _tok = load_causal_lm(str(path), ModelConfig(name_or_path=str(path)))
+    model = load_causal_lm(str(path), ModelConfig(name_or_path=str(path)))
     p = next(model.parameters())
     assert p.device.type == "cuda" and p.dtype == torch.bfloat16
 

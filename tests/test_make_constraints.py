@@ -158,10 +158,27 @@ def test_pairs_chosen_follows_more_than_rejected_and_not_length_only(mc, built):
     _, _, rows = built
     assert rows["prefs.jsonl"]
     for r in rows["prefs.jsonl"]:
+        if r["rejected_source"].startswith("unrequested_"):
+            continue  # test_format_negatives_add_only_an_unrequested_format
         c = sum(check_record(r["chosen"], r["instruction_id_list"], r["kwargs"]))
         j = sum(check_record(r["rejected"], r["instruction_id_list"], r["kwargs"]))
         assert c == len(r["instruction_id_list"]) > j, r["prompt"]
         assert not mc.length_only(r["chosen"], r["rejected"])
+
+
+def test_format_negatives_add_only_an_unrequested_format(built):
+    from pipeline.format_probe import FORMATS, add_format, unrequested
+
+    _, stats, rows = built
+    prefs = rows["prefs.jsonl"]
+    negatives = [r for r in prefs if r["rejected_source"].startswith("unrequested_")]
+    assert negatives and prefs[-len(negatives):] == negatives  # appended after the sampled pairs
+    assert {r["rejected_source"] for r in negatives} <= {f"unrequested_{n}" for n in FORMATS}
+    for r in negatives:
+        name = r["rejected_source"].removeprefix("unrequested_")
+        assert name in unrequested(r["instruction_id_list"]) and r["rejected"] == add_format(name, r["chosen"])
+        assert all(check_record(r["chosen"], r["instruction_id_list"], r["kwargs"]))
+    assert sum(v for k, v in stats["pairs"].items() if k.startswith("unrequested_")) == len(negatives)
 
 
 def test_length_only():

@@ -24,6 +24,7 @@ import torch
 
 from ..config import Recipe, RewardConfig
 from ..data import completion_token_ids, load_rows, preference_examples, prompt_examples, prompt_token_ids
+from ..format_probe import format_bias
 from ..models import load_tokenizer, peft_lora_config, resolve_model_path, resolve_precision, save_final
 from ..rewards import NORM_FILE, RewardModelScorer
 from ..tracking import finish_trainer_trackers, trainer_report_args
@@ -131,8 +132,13 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
     tok = load_tokenizer(path, recipe.model)
 
     pairs, ties = preference_examples(load_rows(cfg.data, cfg.max_rows), cfg.data, cfg.keep_ties)
+    probe_rows: list[dict] = []
     if cfg.eval_data:
-        train_pairs, eval_pairs = pairs, preference_examples(load_rows(cfg.eval_data), cfg.eval_data, cfg.keep_ties)[0]
+        eval_rows = load_rows(cfg.eval_data)
+        train_pairs, eval_pairs = pairs, preference_examples(eval_rows, cfg.eval_data, cfg.keep_ties)[0]
+        probe_rows = [{"prompt": r["prompt"], "response": r["chosen"], "instruction_id_list": r["instruction_id_list"]}
+                      for r in eval_rows if isinstance(r.get("instruction_id_list"), list) and "chosen" in r
+                      and isinstance(r["chosen"], str) and r.get("prompt") is not None][:cfg.format_probe_rows]
     else:
         train_pairs, eval_pairs = split_by_prompt(pairs, cfg.eval_fraction, recipe.run.seed)
     use_margin = cfg.use_margin and any(p.get("margin") is not None for p in pairs)
@@ -155,6 +161,11 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
     if eval_pairs:
         before = pairwise_metrics(RewardModelScorer(model, recipe.model, precision, tokenizer=tok), eval_pairs)
         summary["rm/accuracy_before"] = before["rm/accuracy"]
+        if probe_rows:
+            bias = format_bias(RewardModelScorer(model, recipe.model, precision, tokenizer=tok), probe_rows,
+                               len(probe_rows))
+            before.update(bias)
+            summary["rm/format_bias_before"] = bias.get("rm/format_bias")
         metrics.log(0, {k: v for k, v in before.items() if k != "histogram"})
         model.train()
 
@@ -203,6 +214,13 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
     scorer = RewardModelScorer(trained, recipe.model, precision, tokenizer=tok)
     if eval_pairs:
         after = pairwise_metrics(scorer, eval_pairs)
+        if probe_rows:
+            after.update(format_bias(scorer, probe_rows, len(probe_rows)))
+            if "rm/format_bias" in after and summary.get("rm/format_bias_before") is not None:
+                log("reward: prefers an unrequested format added to a held-out chosen answer in "
+                    f"{after['rm/format_bias']:.2f} of cases (before training {summary['rm/format_bias_before']:.2f}; "
+                    "0.5 = indifferent): " + ", ".join(f"{k.rsplit('/', 1)[1]} {v:.2f}" for k, v in after.items()
+                                                       if k.startswith("rm/format_bias/")))
         metrics.log(result.global_step, {k: v for k, v in after.items() if k != "histogram"})
         summary.update({k: v for k, v in after.items()})
         log(f"reward: held-out accuracy {summary['rm/accuracy_before']:.3f} -> {after['rm/accuracy']:.3f}, "

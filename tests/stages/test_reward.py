@@ -61,3 +61,25 @@ def test_norm_samples_come_from_the_ppo_start_policy(tmp_path):
     assert norm_policy_ref(r, r.reward, "base-model") == "base-model"
     r = recipe(["sft", "reward"], norm_policy="sft")
     assert norm_policy_ref(r, r.reward, "base-model") == str(tmp_path / "sft" / "final")
+
+
+def test_reward_stage_probes_unrequested_formats_on_held_out_pairs(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"write about topic {i}", "chosen": f"the dog sleeps {i} good yes",
+             "rejected": f"no bad the fox {i}", "instruction_id_list": [], "kwargs": []} for i in range(16)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows[:12])
+    held = write_jsonl(tmp_path / "held.jsonl", rows[12:])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"hello {i}"} for i in range(4)])
+    recipe = parse_recipe({
+        "run": {"name": "t", "output_dir": str(tmp_path / "out"), "seed": 0},
+        "model": {"name_or_path": str(tiny_model_dir), "cpu_autocast": "off"},
+        "stages": ["reward"],
+        "reward": {"data": str(data), "eval_data": str(held), "init_from": "base", "lora": None, "epochs": 1,
+                   "batch_size": 4, "norm_prompts": str(prompts), "norm_samples": 4, "max_new_tokens": 4,
+                   "format_probe_rows": 3},
+    })
+    s = run_recipe(recipe)["reward"]
+    shares = {k: v for k, v in s.items() if k.startswith("rm/format_bias/")}
+    assert set(shares) == {"rm/format_bias/quotes", "rm/format_bias/upper", "rm/format_bias/title",
+                           "rm/format_bias/postscript"}  # "lower": the chosen answers are lower case already
+    assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in shares.values())  # shares of the 3 probed rows
+    assert s["rm/format_bias"] == sum(shares.values()) / 4 and 0 <= s["rm/format_bias_before"] <= 1
