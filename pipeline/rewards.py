@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -120,11 +121,18 @@ class VerifierReward:
     `json_guard` (default on, training only): the harness's `detectable_format:json_format` passes any
     text that parses as JSON, so an answer wrapped in double quotes (a JSON string) or a bare number passes
     it. With the guard the reward also requires the JSON to be an object or an array. This is the reward's
-    own rule, applied after the harness's verdict; evaluation always reports the harness's verdict."""
+    own rule, applied after the harness's verdict; evaluation always reports the harness's verdict.
 
-    def __init__(self, partial: bool = False, json_guard: bool = True):
+    `echo_guard` (default on, training only): an answer that copies `ECHO_WORDS` consecutive words of its
+    prompt, when the prompt does not ask for it to be repeated (`combination:repeat_prompt`), gets no credit.
+    Echoing the prompt passes checks by copying them: the keywords to include, the phrase to end with, the
+    language. The session-11 quickstart's PPO policy echoed 27 of 117 held-out prompts that did not ask
+    (SFT 17, base 1; docs/results.md)."""
+
+    def __init__(self, partial: bool = False, json_guard: bool = True, echo_guard: bool = True):
         self.partial = partial
         self.json_guard = json_guard
+        self.echo_guard = echo_guard
 
     def verdicts(self, prompt: Any, response: str) -> list[bool]:
         """Per instruction: the harness's strict verdict, then the reward's JSON guard."""
@@ -135,6 +143,8 @@ class VerifierReward:
                              "(IFEval style); this prompt has none. Use a reward model for plain prompts.")
         ids = prompt["instruction_id_list"]
         if not response.strip():
+            return [False] * len(ids)
+        if self.echo_guard and REPEAT_PROMPT not in ids and echoes_prompt(prompt_text(prompt["prompt"]), response):
             return [False] * len(ids)
         ok = check_record(response, ids, prompt["kwargs"])
         if self.json_guard:
@@ -150,6 +160,29 @@ class VerifierReward:
 
 
 JSON_FORMAT = "detectable_format:json_format"
+REPEAT_PROMPT = "combination:repeat_prompt"
+ECHO_WORDS = 8
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def prompt_text(prompt: Any) -> str:
+    """The user's words: a prompt string, or the last user message of a message list."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def echoes_prompt(prompt: str, response: str, n: int = ECHO_WORDS) -> bool:
+    """Whether `response` contains `n` consecutive words of `prompt` (lower case, punctuation ignored)."""
+    p, r = _words(prompt), _words(response)
+    if len(p) < n or len(r) < n:
+        return False
+    grams = {tuple(p[i:i + n]) for i in range(len(p) - n + 1)}
+    return any(tuple(r[i:i + n]) in grams for i in range(len(r) - n + 1))
 
 
 def json_container(response: str) -> bool:

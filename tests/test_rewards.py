@@ -128,3 +128,23 @@ def test_weighted_sum_keeps_each_source_score_apart():
     assert set(ws.last_components) == {"rm", "rm_2"}
     assert torch.equal(ws.last_components["rm"], torch.tensor([2.0, 2.0]))
     assert torch.equal(ws.last_components["rm_2"], torch.tensor([-1.0, -1.0]))
+
+
+def test_echo_guard_gives_no_credit_for_copying_the_prompt_unless_asked():
+    from pipeline.rewards import echoes_prompt
+
+    ask = ('Draft a toast for a party in honour of the violin. A reader should be able to find "duty" and '
+           '"reference" in what you write.')
+    row = {"prompt": [{"role": "user", "content": ask}], "instruction_id_list": ["keywords:existence"],
+           "kwargs": [{"keywords": ["duty", "reference"]}]}
+    echo = ask  # passes the harness's check by copying the keywords from the prompt
+    honest = "To the violin, our duty and our reference: may it sing for a hundred years more."
+    assert VerifierReward(echo_guard=False).score([row] * 2, [echo, honest]).tolist() == [1.0, 1.0]
+    assert VerifierReward().score([row] * 2, [echo, honest]).tolist() == [0.0, 1.0]
+    # 8 consecutive words (case and punctuation ignored) make an echo; 7 do not
+    assert echoes_prompt(ask, "Well... a READER should be able to find DUTY, and then more.")
+    assert not echoes_prompt(ask, "a reader should be able to find it")
+    # repeating the request is the instruction itself for combination:repeat_prompt
+    rep = {**row, "instruction_id_list": ["combination:repeat_prompt"],
+           "kwargs": [{"prompt_to_repeat": ask}]}
+    assert VerifierReward().score([rep], [ask + " Cheers to the violin!"]).tolist() == [1.0]
