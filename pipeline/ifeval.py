@@ -558,12 +558,13 @@ def ifeval_set(models: list[tuple[str, str]], *, limit: Optional[int], max_gen_t
     `pass_rate_loose`, `instruction_pass_rate`, `instruction_pass_rate_loose`, `per_id`), the harness's
     own numbers under `harness`, per-prompt verdicts under `per_prompt`, and `paired` prompt-level tests
     of each model against the one before it. `backend`, `model_cfg`: see `run_harness`."""
-    from .stages.eval import paired_pass_test, summarize_checks
+    from .stages.eval import paired_pass_test, per_id_paired, summarize_checks
 
     data_file = Path(data_file)
     status = ensure_sentence_tokenizer()
     h = harness()
     per_model, per_prompt, seconds, samples = {}, {}, {}, []
+    all_checks: dict[str, list] = {}
     upstream_gen: dict = {}
     generator: dict = {}
     gen_stats: dict = {}  # PipelineLM's counters per model (prompts, batches, tokens, hit_max_gen_toks, seconds)
@@ -581,6 +582,7 @@ def ifeval_set(models: list[tuple[str, str]], *, limit: Optional[int], max_gen_t
         checks = [[{"id": i, "kwargs": kw, "strict": s, "loose": lo}
                    for i, kw, s, lo in zip(r["instruction_id_list"], r["kwargs"], r["strict"], r["loose"])]
                   for r in rows]
+        all_checks[name] = checks
         m = summarize_checks(checks) or {}
         m["n_prompts"] = len(rows)
         m["harness"] = harness_metrics(out)
@@ -621,6 +623,11 @@ def ifeval_set(models: list[tuple[str, str]], *, limit: Optional[int], max_gen_t
     }
     if paired:
         result["paired"] = paired
+        # Per instruction id, each model against the first (the base model in the shipped recipes), so the
+        # report flags an id a stage made significantly worse (issue #22), as for the held-out set.
+        first = names[0]
+        result["per_id_paired"] = {"against": first, "models": {
+            m: per_id_paired(all_checks[m], all_checks[first]) for m in names[1:]}}
     return result, samples
 
 

@@ -127,7 +127,8 @@ class VerifierReward:
     prompt, when the prompt does not ask for it to be repeated (`combination:repeat_prompt`), gets no credit.
     Echoing the prompt passes checks by copying them: the keywords to include, the phrase to end with, the
     language. The session-11 quickstart's PPO policy echoed 27 of 117 held-out prompts that did not ask
-    (SFT 17, base 1; docs/results.md)."""
+    (SFT 17, base 1); there the guard never fired in training (docs/results.md), so it is a safeguard, not
+    that run's fix."""
 
     def __init__(self, partial: bool = False, json_guard: bool = True, echo_guard: bool = True):
         self.partial = partial

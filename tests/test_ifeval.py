@@ -158,6 +158,13 @@ def test_pipeline_eval_ifeval_runs_the_harness_offline(tiny_model_dir, tmp_path)
     lost = sum(b and not a for a, b in zip(now, before))
     assert [(p["model"], p["against"], p["n"], p["gained"], p["lost"]) for p in s["paired"]] == \
         [(names[1], names[0], 3, gained, lost)]
+    # Per instruction id against the first model, from the same verdicts: what the report flags regressions from.
+    per_id = s["per_id_paired"]
+    assert per_id["against"] == names[0] and set(per_id["models"]) == {names[1]}
+    ids = [i for p in samples if p["set"] == ifeval.SET_NAME and p["model"] == names[0] for i in
+           (x["id"] for x in p["instructions"])]
+    tests = per_id["models"][names[1]]
+    assert set(tests) == set(ids) and sum(t["n"] for t in tests.values()) == len(ids)
     assert any(n.startswith(ifeval.SET_NAME) for n in results["notes"])
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert f"eval/{ifeval.SET_NAME}/{names[0]}/pass_rate" in metrics
