@@ -188,7 +188,7 @@ def opening(text: str, n_words: int = 10) -> str:
     return " ".join(normalise(text).split(" ")[:n_words])
 
 
-def _prompt_text(prompt: Any) -> str:
+def prompt_text(prompt: Any) -> str:
     """A record's prompt as text: a string, or the contents of a list of chat messages."""
     if isinstance(prompt, str):
         return prompt
@@ -204,7 +204,7 @@ def find_ifeval_prompts(prompts: Iterable[Any], ifeval_path: Path | str = IFEVAL
     openings = {opening(r["prompt"], n_words): r["key"] for r in load_ifeval(ifeval_path)}
     hits = []
     for i, p in enumerate(prompts):
-        text = normalise(_prompt_text(p))
+        text = normalise(prompt_text(p))
         hits += [(i, key) for op, key in openings.items() if op and op in text]
     return hits
 

@@ -138,6 +138,7 @@ class VerifierReward:
     def verdicts(self, prompt: Any, response: str) -> list[bool]:
         """Per instruction: the harness's strict verdict, then the reward's JSON guard."""
         from .checkers import check_record
+        from .ifeval import prompt_text
 
         if not isinstance(prompt, dict) or not prompt.get("instruction_id_list"):
             raise ValueError("the verifier reward needs prompt records with `instruction_id_list` and `kwargs` "
@@ -167,14 +168,6 @@ ECHO_WORDS = 8
 
 def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def prompt_text(prompt: Any) -> str:
-    """The user's words: a prompt string, or the last user message of a message list."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-    return users[-1] if users else ""
 
 
 def echoes_prompt(prompt: str, response: str, n: int = ECHO_WORDS) -> bool:

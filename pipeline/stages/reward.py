@@ -137,8 +137,8 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
         eval_rows = load_rows(cfg.eval_data)
         train_pairs, eval_pairs = pairs, preference_examples(eval_rows, cfg.eval_data, cfg.keep_ties)[0]
         probe_rows = [{"prompt": r["prompt"], "response": r["chosen"], "instruction_id_list": r["instruction_id_list"]}
-                      for r in eval_rows if isinstance(r.get("instruction_id_list"), list) and "chosen" in r
-                      and isinstance(r["chosen"], str) and r.get("prompt") is not None][:cfg.format_probe_rows]
+                      for r in eval_rows if isinstance(r.get("instruction_id_list"), list)
+                      and isinstance(r.get("chosen"), str) and r.get("prompt") is not None]
     else:
         train_pairs, eval_pairs = split_by_prompt(pairs, cfg.eval_fraction, recipe.run.seed)
     use_margin = cfg.use_margin and any(p.get("margin") is not None for p in pairs)
@@ -159,13 +159,12 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
                      "ties_skipped": ties, "pairs_dropped_too_long": dropped, "lora": cfg.lora is not None}
     metrics = MetricsLogger(stage_dir, tensorboard=False)
     if eval_pairs:
-        before = pairwise_metrics(RewardModelScorer(model, recipe.model, precision, tokenizer=tok), eval_pairs)
+        untrained = RewardModelScorer(model, recipe.model, precision, tokenizer=tok)
+        before = pairwise_metrics(untrained, eval_pairs)
         summary["rm/accuracy_before"] = before["rm/accuracy"]
-        if probe_rows:
-            bias = format_bias(RewardModelScorer(model, recipe.model, precision, tokenizer=tok), probe_rows,
-                               len(probe_rows))
-            before.update(bias)
-            summary["rm/format_bias_before"] = bias.get("rm/format_bias")
+        if probe_rows and cfg.format_probe_rows:
+            before.update(format_bias(untrained, probe_rows, cfg.format_probe_rows))
+            summary["rm/format_bias_before"] = before.get("rm/format_bias")
         metrics.log(0, {k: v for k, v in before.items() if k != "histogram"})
         model.train()
 
@@ -214,8 +213,8 @@ def run(recipe: Recipe, stage_dir: Path) -> dict:
     scorer = RewardModelScorer(trained, recipe.model, precision, tokenizer=tok)
     if eval_pairs:
         after = pairwise_metrics(scorer, eval_pairs)
-        if probe_rows:
-            after.update(format_bias(scorer, probe_rows, len(probe_rows)))
+        if probe_rows and cfg.format_probe_rows:
+            after.update(format_bias(scorer, probe_rows, cfg.format_probe_rows))
             if "rm/format_bias" in after and summary.get("rm/format_bias_before") is not None:
                 log("reward: prefers an unrequested format added to a held-out chosen answer in "
                     f"{after['rm/format_bias']:.2f} of cases (before training {summary['rm/format_bias_before']:.2f}; "
