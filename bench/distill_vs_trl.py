@@ -28,7 +28,9 @@ Matched on both sides:
     temperature 1.0;
   - update: one optimizer step per rollout batch of `--batch` prompts (ours: epochs 1, minibatch = micro-batch
     = batch; TRL: per_device_train_batch_size = batch, gradient_accumulation_steps 1), AdamW with the same
-    lr, betas (0.9, 0.999), eps 1e-5, weight decay 0, constant lr (no warm-up), gradient clipping at 1.0;
+    lr, betas (0.9, 0.999), eps 1e-5, weight decay 0, constant lr (no warm-up), gradient clipping at 1.0,
+    torch's fused AdamW kernel (ours: `onpolicy.adamw`; TRL: `optim="adamw_torch_fused"`, transformers'
+    default with torch >= 2.8);
     `--steps` steps.
 Settings (`--settings`, default both, one table each, all in this one run):
   equal: fp32 with no autocast on both sides (ours: cpu_autocast off, frozen_dtype float32; TRL: bf16 off), our
@@ -210,7 +212,7 @@ def side_trl(args, out: Path) -> dict:
         output_dir=str(out / "trl_out"), report_to="none", save_strategy="no", disable_tqdm=True, seed=args.seed,
         logging_steps=1, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
         max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-5, optim="adamw_torch",
+        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-5, optim="adamw_torch_fused",
         max_grad_norm=1.0, beta=1.0, temperature=1.0, top_k=0, top_p=1.0,
         max_completion_length=args.max_new_tokens, gradient_checkpointing=False, bf16=trl_bf16(args.setting),
         fp16=False,

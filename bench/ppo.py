@@ -5,6 +5,7 @@
     python bench/ppo.py --tiny                   # a tiny random model (smoke test of the script)
     python bench/ppo.py --logits-chunk-size 256 --logprobs-from sampler   # the speed options (ppo_vs_trl's `best`)
     python bench/ppo.py --cpu-autocast on --frozen-dtype bfloat16          # frozen models (reference, RM) in bf16
+    python bench/ppo.py --critic-from shared     # the value head on the policy's hidden states (no second backbone)
 
 Scoring = behaviour, reference and value forwards plus the reward. Peak memory is the process's
 peak RSS (and the CUDA peak on a GPU). The first iteration is a warm-up and is not reported.
@@ -29,8 +30,8 @@ from pipeline.config import LoraConfig, ModelConfig, PPOConfig, Recipe  # noqa: 
 from pipeline.data import load_rows, prompt_examples  # noqa: E402
 from pipeline.models import resolve_precision  # noqa: E402
 import pipeline.loop as loop  # noqa: E402
-from pipeline.rlmodels import ValueModel  # noqa: E402
-from pipeline.rlmodels import PPOModels  # noqa: E402
+import pipeline.rlmodels as rlmodels  # noqa: E402
+from pipeline.rlmodels import PPOModels, ValueModel  # noqa: E402
 from pipeline.stages.ppo import build_models, train_ppo  # noqa: E402
 
 from bench_common import CPUThroughput, has_field, optional_field  # noqa: E402  (bench/, the script's own folder)
@@ -49,7 +50,7 @@ def frozen_dtype_name(precision, model_cfg) -> str:
     return str(frozen_dtype(precision, model_cfg)).removeprefix("torch.")
 
 
-def tiny_models():
+def tiny_models(critic_from: str = "policy"):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import copy
 
@@ -60,8 +61,9 @@ def tiny_models():
     policy = build_tiny_model(tok)
     cfg = copy.deepcopy(policy.config)
     cfg.num_labels = 1
-    m = PPOModels(policy=policy, tokenizer=tok, reference=copy.deepcopy(policy).requires_grad_(False),
-                  critic=ValueModel(LlamaForSequenceClassification(cfg)))
+    critic = (rlmodels.SharedValueHead(cfg.hidden_size) if critic_from == "shared"
+              else ValueModel(LlamaForSequenceClassification(cfg)))
+    m = PPOModels(policy=policy, tokenizer=tok, reference=copy.deepcopy(policy).requires_grad_(False), critic=critic)
     for x in (m.policy, m.reference, m.critic):
         x.eval()
     return m
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--logits-chunk-size", type=int, help="ppo.logits_chunk_size (default the config's, 0: off)")
     ap.add_argument("--logprobs-from", help="ppo.logprobs_from (e.g. sampler); ignored, with a note, by a version "
                     "whose config has no such field")
+    ap.add_argument("--critic-from", default="policy", help="ppo.critic_from: policy (a second backbone, as TRL's "
+                    "PPOTrainer) or shared (a value head on the policy's hidden states); ignored, with a note, by a "
+                    "version without `shared`")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json", help="also write the figures to this file")
     return ap
@@ -102,12 +107,16 @@ def prepare(args):
     if args.logits_chunk_size is not None:
         extra["logits_chunk_size"] = args.logits_chunk_size
     extra.update(optional_field(PPOConfig, "logprobs_from", args.logprobs_from, "--logprobs-from"))
-    cfg = PPOConfig(policy_from="base", reward_from=args.reward, critic_from="policy", prompts=args.prompts,
+    critic_from = args.critic_from
+    if critic_from == "shared" and not hasattr(rlmodels, "SharedValueHead"):
+        print("note: this version has no `critic_from: shared`; the critic is a second backbone (policy)")
+        critic_from = "policy"
+    cfg = PPOConfig(policy_from="base", reward_from=args.reward, critic_from=critic_from, prompts=args.prompts,
                     iterations=args.iterations, rollout_batch_size=args.batch, minibatch_size=minibatch,
                     micro_batch_size=args.micro_batch_size or minibatch, max_new_tokens=args.max_new_tokens,
                     lora=None if args.no_lora else LoraConfig(), log_samples_every=0, **extra)
     if args.tiny:
-        models = tiny_models()
+        models = tiny_models(cfg.critic_from)
         if has_field(ModelConfig, "frozen_dtype"):  # as build_ppo_models stores a full fine-tuning reference
             from pipeline.models import frozen_dtype
 
@@ -146,7 +155,7 @@ def main() -> None:
         "device": str(precision.device), "autocast_bf16": precision.autocast, "policy": args.policy,
         "batch": args.batch, "max_new_tokens": args.max_new_tokens, "response_tokens": tokens,
         "logits_chunk_size": cfg.logits_chunk_size, "logprobs_from": getattr(cfg, "logprobs_from", "-"),
-        "frozen_dtype": frozen_dtype_name(precision, model_cfg),
+        "frozen_dtype": frozen_dtype_name(precision, model_cfg), "critic_from": cfg.critic_from,
         "seconds_per_iteration": total, **{f"{k}_s": v for k, v in parts.items()},
         "tokens_per_s": tokens / total, "generate_tokens_per_s": tokens / parts["generate"],
         "peak_rss_mb": peak_rss_mb(), "wall_s_all_iterations": wall,

@@ -18,7 +18,8 @@ order, seed 0; TRL's shuffling loader is replaced by one in that order), chat te
 sampling at temperature 1.0 with no top-k / top-p, stopping at EOS, max_new_tokens = TRL's
 response_length; the whole batch generated at once (TRL local_rollout_forward_batch_size = batch); 2 PPO
 epochs x 2 minibatches of batch/2, one optimizer step per minibatch (TRL: per_device_train_batch_size =
-batch, gradient_accumulation_steps 1, num_mini_batches 2). Two iterations each; the second is reported
+batch, gradient_accumulation_steps 1, num_mini_batches 2); torch's fused AdamW kernel on both sides (ours:
+`onpolicy.adamw`; TRL: `optim="adamw_torch_fused"`). Two iterations each; the second is reported
 (the first warms up).
 Settings (`--settings`, default both, one table each, both in this one run):
   equal: fp32 with no autocast on both sides (ours: --cpu-autocast off, --frozen-dtype float32), our defaults
@@ -28,7 +29,9 @@ Settings (`--settings`, default both, one table each, both in this one run):
     reference copy and the reward model) stored in bf16 there (`--frozen-dtype bfloat16`; fp32 elsewhere);
     `logits_chunk_size` 256;
     `logprobs_from: sampler` (behaviour log-probs from the sampler, no recomputing forward) where this
-    version's PPOConfig has that field. TRL's: on the same CPUs, `bf16=True` (with `use_cpu=True`) and its
+    version's PPOConfig has that field; the critic a value head on the policy's own hidden states
+    (`--critic-from shared`; `--best-critic policy`: a second backbone, as TRL's). TRL's: on the same CPUs,
+    `bf16=True` (with `use_cpu=True`) and its
     whole `train()` under torch.autocast(cpu, bf16) (`trl019_ppo_step.py --bf16`); TRL 0.19's PPOTrainer
     has no logits chunking or sampler log-probs to turn on. On a CPU without native bf16 both sides stay
     fp32 (bf16 there is emulated and slower).
@@ -112,23 +115,24 @@ def benchmark_prompts(path: str, n: int) -> list:
     return PromptSampler(prompt_examples(load_rows(path), path), seed=0).next(n)
 
 
-def ours_setting_flags(setting: str) -> list[str]:
-    """bench/ppo.py's flags for a setting: `equal` = fp32 (frozen models too), our defaults; `best` = bf16 autocast
-    where the CPU has native bf16, with the frozen models (reference copy, reward model) stored in bf16 there
-    (`bench_common.setting_model_kwargs`), plus the config's speed options (`bench_common.best_onpolicy_kwargs`)."""
+def ours_setting_flags(setting: str, critic: str = "shared") -> list[str]:
+    """bench/ppo.py's flags for a setting: `equal` = fp32 (frozen models too), our defaults, the critic on a second
+    backbone as TRL's; `best` = bf16 autocast where the CPU has native bf16, with the frozen models (reference
+    copy, reward model) stored in bf16 there (`bench_common.setting_model_kwargs`), the config's speed options
+    (`bench_common.best_onpolicy_kwargs`) and the critic `critic` (`shared`: a value head on the policy)."""
     model_flags = [f"--{k.replace('_', '-')}={v}" for k, v in setting_model_kwargs(setting).items()]
     if setting == "equal":
         return ["--cpu-autocast", "off", *model_flags]
     from pipeline.config import PPOConfig
 
-    flags = ["--cpu-autocast", "on" if best_bf16() else "off", *model_flags]
+    flags = ["--cpu-autocast", "on" if best_bf16() else "off", *model_flags, "--critic-from", critic]
     for key, value in best_onpolicy_kwargs(PPOConfig).items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     return flags
 
 
 def run_ours(args, model_dir: str, out: Path, setting: str) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "ppo.py"), "--no-lora", *ours_setting_flags(setting),
+    cmd = [sys.executable, str(ROOT / "bench" / "ppo.py"), "--no-lora", *ours_setting_flags(setting, args.best_critic),
            "--reward", model_dir, "--prompts", args.prompts, "--batch", str(args.batch),
            "--max-new-tokens", str(args.max_new_tokens), "--iterations", "2",
            "--minibatch-size", str(args.batch // 2), "--json", str(out)]
@@ -144,6 +148,7 @@ def run_ours(args, model_dir: str, out: Path, setting: str) -> dict:
             "generate_s": fig["generate_s"], "score_s": fig["score_s"], "train_s": fig["train_s"],
             "autocast_bf16": fig["autocast_bf16"], "logits_chunk_size": fig.get("logits_chunk_size"),
             "logprobs_from": fig.get("logprobs_from"), "frozen_dtype": fig.get("frozen_dtype"),
+            "critic_from": fig.get("critic_from", "policy"),
             **{k: fig[k] for k in ("cpu_seconds_per_iteration", "cpu_generate_s", "cpu_score_s", "cpu_train_s")}}
 
 
@@ -181,7 +186,8 @@ def print_table(ours: dict | None, trl: dict | None, setting: str) -> None:
     print(f"\n== setting: {setting} ==")
     if ours:
         print(f"ours: bf16 autocast {ours.get('autocast_bf16')}, logits_chunk_size {ours.get('logits_chunk_size')}, "
-              f"logprobs_from {ours.get('logprobs_from')}, frozen models in {ours.get('frozen_dtype')}")
+              f"logprobs_from {ours.get('logprobs_from')}, frozen models in {ours.get('frozen_dtype')}, "
+              f"critic_from {ours.get('critic_from')}")
     if trl:
         print(f"trl 0.19: bf16 {trl.get('bf16', False)}")
     print_ratio_table(rows, ours, trl, "trl 0.19", 22)
@@ -198,6 +204,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--only", choices=["ours", "trl"])
+    ap.add_argument("--best-critic", default="shared", choices=["shared", "policy"],
+                    help="ours' critic in `best`: shared (a value head on the policy's hidden states, the default) or "
+                         "policy (a second backbone, as TRL's and as `equal`)")
     ap.add_argument("--threads", type=int, help="torch threads in both subprocesses (OMP_NUM_THREADS; default "
                     "torch's); 1 makes the CPU seconds a steadier measure of work on a busy machine")
     add_settings_arg(ap)

@@ -158,6 +158,7 @@ def main() -> None:
         num_ppo_epochs=2, total_episodes=n, response_length=args.response_length,
         local_rollout_forward_batch_size=args.batch, stop_token="eos", temperature=1.0,
         num_sample_generations=0, missing_eos_penalty=None, bf16=args.bf16, fp16=False, logging_steps=1,
+        optim="adamw_torch_fused",  # torch's fused AdamW, as ours (`onpolicy.adamw`); transformers >= 4.x offers it
         **({"use_cpu": True} if args.bf16 else {}),
     )
     timeline = Timeline()

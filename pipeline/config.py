@@ -305,7 +305,9 @@ class PPOConfig(OnPolicyConfig):
     reward_from: str = "reward"
     # Several reward sources summed with weights; when set, replaces reward_from.
     rewards: Optional[list[RewardSourceConfig]] = None
-    critic_from: Literal["reward", "policy"] = "reward"
+    # The critic's backbone: the reward model's, a copy of the policy's, or `shared`: a value head on the policy's
+    # own hidden states (no second model; docs/implementation_details.md).
+    critic_from: Literal["reward", "policy", "shared"] = "reward"
     advantage: Literal["gae", "reinforce", "rloo"] = "gae"
     critic_lr: float = 1.0e-3  # LoRA critic: 1e-4 left its explained variance below 0 (docs/results.md)
     # The critic's own gradient clip (null: max_grad_norm). `shared`: one optimizer and one clip over policy

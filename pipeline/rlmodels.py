@@ -2,7 +2,7 @@
 
 PPO: a policy (LoRA on the SFT model, or all of it), a reference (the same model with the adapter disabled,
 or a frozen copy) and, for GAE, a critic: a scalar value head on its own backbone, from the reward model or
-the policy. Distillation: a frozen teacher and a student (any causal LM with the teacher's tokenizer, or the
+the policy, or (`critic_from: shared`) a scalar head on the policy's own final hidden states. Distillation: a frozen teacher and a student (any causal LM with the teacher's tokenizer, or the
 teacher cut to some of its layers: `models.student_from_teacher`). Dropout is off in every model during RL
 (eval mode; gradients still flow): docs/implementation_details.md.
 """
@@ -22,7 +22,9 @@ from .models import (
     Precision, check_same_tokenizer, choose_layers, dtype_name, frozen_dtype, load_causal_lm, load_policy,
     load_tokenizer, peft_lora_config, resolve_model_path, student_from_teacher,
 )
-from .onpolicy import RolloutBatch, encode_prompts, in_micro_batches, model_inputs, unwrap_for_generation
+from .onpolicy import (
+    RolloutBatch, encode_prompts, in_micro_batches, model_inputs, response_hidden, unwrap_for_generation,
+)
 from .utils import log
 
 Tensor = torch.Tensor
@@ -51,8 +53,38 @@ class ValueModel(torch.nn.Module):
         return value_head(core)(hidden).squeeze(-1).float()
 
 
-def critic_values(critic, batch: RolloutBatch) -> Tensor:
-    """V(s_t) for every response position: the state before response token t. (B, T)."""
+class SharedValueHead(torch.nn.Module):
+    """V(s) from the policy's own final hidden states (`critic_from: shared`): one scalar linear head, zero at
+    the start, on the backbone the actor already runs, as TRL's `AutoModelForCausalLMWithValueHead` and the
+    shared actor-critic network of PPO's Atari setting (Huang et al. 2022, "The 37 implementation details of
+    PPO"). No second backbone: no second forward, backward or AdamW state for 135M parameters; the value
+    loss's gradient flows into the policy's backbone (clipped with the policy's, `vf_coef` weighs it). Only
+    the head's parameters belong to this module (the policy is passed at call time), so the critic's optimizer,
+    checkpoint and DDP wrapper hold the head alone."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """(B, T, H) final hidden states -> (B, T) values in float32."""
+        return self.head(hidden).squeeze(-1).float()
+
+
+def is_shared(critic) -> bool:
+    return isinstance(unwrap(critic), SharedValueHead)
+
+
+def critic_values(critic, batch: RolloutBatch, policy=None) -> Tensor:
+    """V(s_t) for every response position: the state before response token t. (B, T). A shared head
+    (`SharedValueHead`) reads `policy`'s final hidden states (one policy forward; the output layer runs on one
+    position only)."""
+    if is_shared(critic):
+        if policy is None:
+            raise ValueError("a shared value head needs the policy whose hidden states it reads")
+        return critic(response_hidden(policy, batch)[0])
     input_ids, attention_mask, position_ids = model_inputs(
         batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
     P, T = batch.query_ids.shape[1], batch.response_ids.shape[1]
@@ -77,9 +109,10 @@ def unwrap(model):
     return model
 
 
-def recompute_values(critic, batch: RolloutBatch, micro_batch_size: int, autocast=None) -> Tensor:
-    """V(s_t) at every response position under `critic`, in micro-batches, without gradients. (B, T)."""
-    return in_micro_batches(critic, batch, micro_batch_size, autocast, lambda mb: critic_values(critic, mb))
+def recompute_values(critic, batch: RolloutBatch, micro_batch_size: int, autocast=None, policy=None) -> Tensor:
+    """V(s_t) at every response position under `critic` (a shared head: over `policy`'s hidden states), in
+    micro-batches, without gradients. (B, T)."""
+    return in_micro_batches(critic, batch, micro_batch_size, autocast, lambda mb: critic_values(critic, mb, policy))
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +125,11 @@ class PPOModels:
     policy: Any  # trainable (a PeftModel with LoRA)
     tokenizer: Any
     reference: Optional[Any]  # None with LoRA: the policy with its adapter disabled
-    critic: Optional[Any]  # ValueModel over a sequence-classification model; None without GAE
+    critic: Optional[Any]  # ValueModel over a sequence-classification model, or SharedValueHead; None without GAE
+
+    @property
+    def shared_critic(self) -> bool:
+        return self.critic is not None and is_shared(self.critic)
 
     def reference_ctx(self):
         """Context in which `self.ref_model` computes reference log-probs."""
@@ -149,7 +186,9 @@ def build_ppo_models(recipe: Recipe, cfg: PPOConfig, precision: Precision) -> PP
         # Frozen: stored in `model.frozen_dtype` (bf16 under bf16 autocast; its forwards still run under autocast).
         reference = copy.deepcopy(policy).requires_grad_(False).to(frozen_dtype(precision, recipe.model))
     critic = None
-    if cfg.advantage == "gae":
+    if cfg.advantage == "gae" and cfg.critic_from == "shared":
+        critic = SharedValueHead(unwrap_for_generation(policy).config.hidden_size).to(precision.device)
+    elif cfg.advantage == "gae":
         critic = load_critic(recipe.resolve_model_ref(critic_source(cfg)), recipe, precision, tok, cfg.lora)
     # Dropout off everywhere during RL (docs/implementation_details.md): eval mode, gradients still flow.
     for m in (policy, reference, critic):

@@ -32,7 +32,7 @@ from ..distributed import accelerate_precision, shard
 from ..loop import OnPolicyAlgorithm, Process, ddp_prepare, summarise, train
 from ..models import Precision, cut_neighbours, decoder_layer_parameters, save_final
 from ..onpolicy import (
-    Generation, PromptSampler, RolloutBatch, SamplingSettings, Throughput, Updater, chunk_seed, concat_batches,
+    Generation, PromptSampler, RolloutBatch, SamplingSettings, Throughput, Updater, adamw, chunk_seed, concat_batches,
     demonstration_batch, expand_prompts, pass_rate, policy_logprobs, response_hidden, response_logits, sample_rows,
     unwrap_for_generation,
 )
@@ -341,7 +341,7 @@ class Distill(OnPolicyAlgorithm):
         self.proc = proc
         groups = student_param_groups(self.models, self.cfg)
         params = [p for g in groups for p in g["params"]]
-        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, eps=1e-5, weight_decay=0.0)
+        opt = adamw(groups, self.cfg.lr)
         ((self.models.student, opt),) = ddp_prepare(proc, (self.models.student, opt))
         return [Updater("student", opt, params, self.cfg.max_grad_norm)]
 

@@ -17,7 +17,9 @@ What PPO supplies to the loop:
     (verl's critic_warmup);
   end of iteration: the KL controller (fixed or adaptive).
 Departures from the papers, each a recipe option: the critic is a value head on its own backbone initialised
-from the reward model (InstructGPT) or from the policy; the KL may go into the loss (`kl_in: loss`, k3 as in
+from the reward model (InstructGPT) or from the policy, or a head on the policy's own hidden states
+(`critic_from: shared`: one forward gives log-probs and values, and the value loss also trains the policy's
+backbone); the KL may go into the loss (`kl_in: loss`, k3 as in
 GRPO) instead of the reward.
 
 With LoRA the SFT adapter was merged into `sft/final`, so the policy is that merged model plus a fresh adapter
@@ -37,12 +39,12 @@ from ..distributed import accelerate_precision, gather_mean, shard, whiten_globa
 from ..loop import OnPolicyAlgorithm, Process, ddp_prepare, summarise, train
 from ..models import Precision, save_final
 from ..onpolicy import (
-    Generation, PromptSampler, RolloutBatch, SamplingSettings, Throughput, Updater, check_prompt_lengths,
+    Generation, PromptSampler, RolloutBatch, adamw, SamplingSettings, Throughput, Updater, check_prompt_lengths,
     concat_batches, engine_returns_logprobs, expand_prompts, logprobs_gap, logprobs_gap_due, pass_rate,
-    policy_logprobs, recompute_logprobs, sample_rows, unwrap_for_generation,
+    in_micro_batches, policy_logprobs, recompute_logprobs, response_hidden, sample_rows, unwrap_for_generation,
 )
 from ..rl import (
-    AdaptiveKLController, FixedKLController, entropy_bonus, entropy_from_logits, explained_variance, gae, kl_loss,
+    AdaptiveKLController, chunked_token_logprobs, FixedKLController, entropy_bonus, entropy_from_logits, explained_variance, gae, kl_loss,
     kl_penalty, masked_mean, masked_var, policy_loss, reinforce_advantages, rloo_token_advantages,
     token_level_rewards, value_loss
 )
@@ -82,6 +84,8 @@ def make_rollout(models: PPOModels, reward, examples: list, cfg: PPOConfig, kl_c
         chunk = cfg.logits_chunk_size
         if from_sampler:
             batch.logprobs = batch.sampler_logprobs  # one training forward less
+        elif models.shared_critic:  # one policy forward gives both
+            batch.logprobs, batch.values = recompute_logprobs_values(models, batch, cfg, ac())
         else:
             batch.logprobs = recompute_logprobs(models.policy, batch, cfg.temperature, mb, ac(), chunk_size=chunk)
         if measure_gap and record and cfg.logprobs_gap_rows > 0:
@@ -94,8 +98,8 @@ def make_rollout(models: PPOModels, reward, examples: list, cfg: PPOConfig, kl_c
             gap = logprobs_gap(batch.sampler_logprobs[:n], recomputed, batch.response_mask[:n])
         with models.reference_ctx():
             batch.ref_logprobs = recompute_logprobs(models.ref_model, batch, cfg.temperature, mb, ac(), chunk_size=chunk)
-        if models.critic is not None:
-            batch.values = recompute_values(models.critic, batch, mb, ac())
+        if models.critic is not None and batch.values is None:
+            batch.values = recompute_values(models.critic, batch, mb, ac(), policy=models.policy)
         texts = tok.batch_decode([ids[m].tolist() for ids, m in zip(batch.response_ids, batch.response_mask)],
                                  skip_special_tokens=True)
         raw = reward.score(rows, texts).float().to(batch.response_ids.device)
@@ -112,6 +116,23 @@ def make_rollout(models: PPOModels, reward, examples: list, cfg: PPOConfig, kl_c
     if rate is not None:
         stats["ppo/pass_rate"] = rate
     return batch, {"stats": stats, "texts": texts}
+
+
+def policy_logprobs_values(models: PPOModels, mb: RolloutBatch, cfg: PPOConfig, with_entropy: bool = False):
+    """With a shared value head: (logprobs, entropy or None, values) of a micro-batch from one policy forward; the
+    output layer runs in chunks of `cfg.logits_chunk_size` (0: all positions at once)."""
+    hidden, head = response_hidden(models.policy, mb)
+    logprobs, entropy = chunked_token_logprobs(hidden, head, mb.response_ids, cfg.temperature,
+                                               cfg.logits_chunk_size, None, with_entropy)
+    return logprobs, entropy, models.critic(hidden)
+
+
+@torch.no_grad()
+def recompute_logprobs_values(models: PPOModels, batch: RolloutBatch, cfg: PPOConfig, autocast=None):
+    """Behaviour log-probs and values (B, T) each, in micro-batches, from one forward of the policy."""
+    both = in_micro_batches(models.policy, batch, cfg.micro_batch_size, autocast,
+                            lambda mb: torch.stack(policy_logprobs_values(models, mb, cfg)[::2], dim=-1))
+    return both[..., 0], both[..., 1]
 
 
 def assign_advantages(batch: RolloutBatch, scores: torch.Tensor, cfg: PPOConfig, kl_coef: float,
@@ -169,11 +190,15 @@ def make_loss_fn(models: PPOModels, cfg: PPOConfig, kl_ctl, precision: Precision
     def loss_fn(mb: RolloutBatch, n_tokens: float):
         mask, stats = mb.response_mask, {}
         loss = torch.zeros((), device=mask.device)
+        values = None
         if train_policy:
             with precision.autocast_ctx():  # chunked: the entropy comes with the log-probs (no logits to reuse)
-                logprobs, entropy, logits = policy_logprobs(models.policy, mb, cfg.temperature,
-                                                            cfg.ent_coef > 0 or bool(cfg.logits_chunk_size),
-                                                            chunk_size=cfg.logits_chunk_size)
+                if models.shared_critic:  # log-probs and values from the one forward
+                    (logprobs, entropy, values), logits = policy_logprobs_values(models, mb, cfg, True), None
+                else:
+                    logprobs, entropy, logits = policy_logprobs(models.policy, mb, cfg.temperature,
+                                                                cfg.ent_coef > 0 or bool(cfg.logits_chunk_size),
+                                                                chunk_size=cfg.logits_chunk_size)
             loss, stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, cfg.clip_coef, n_tokens)
             stats["pg_loss"] = loss.detach() * n_tokens / max(mb.n_tokens, 1)  # per-token mean, as value_loss
             if entropy is None:
@@ -185,8 +210,14 @@ def make_loss_fn(models: PPOModels, cfg: PPOConfig, kl_ctl, precision: Precision
             if cfg.kl_in == "loss":
                 loss = loss + kl_ctl.value * kl_loss(logprobs, mb.ref_logprobs, mask, "k3", n_tokens)
         if models.critic is not None:
-            with precision.autocast_ctx():
-                values = critic_values(models.critic, mb)
+            if values is None and models.shared_critic:  # warm-up: the head alone learns, the backbone is frozen
+                with precision.autocast_ctx():
+                    with torch.no_grad():
+                        hidden = response_hidden(models.policy, mb)[0]
+                    values = models.critic(hidden)
+            elif values is None:
+                with precision.autocast_ctx():
+                    values = critic_values(models.critic, mb)
             vf, vstats = value_loss(values, mb.values, mb.returns, mask, cfg.clip_coef_v, n_tokens)
             loss = loss + cfg.vf_coef * vf
             stats["value_loss"] = vf.detach() * n_tokens / max(mb.n_tokens, 1)
@@ -215,17 +246,17 @@ class PPO(OnPolicyAlgorithm):
     def setup(self, proc: Process, seed: int) -> list[Updater]:
         self.proc, cfg, m = proc, self.cfg, self.models
         policy_params = [p for p in m.policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(policy_params, lr=cfg.lr, eps=1e-5, weight_decay=0.0)
+        opt = adamw(policy_params, cfg.lr)
         if m.critic is None:
             ((m.policy, opt),) = ddp_prepare(proc, (m.policy, opt))
             return [Updater("policy", opt, policy_params, cfg.max_grad_norm)]
         critic_params = [p for p in m.critic.parameters() if p.requires_grad]
         if cfg.critic_optimizer == "shared":  # one optimizer and one clip over both (the ablation's baseline)
-            opt = torch.optim.AdamW([{"params": policy_params, "lr": cfg.lr},
-                                     {"params": critic_params, "lr": cfg.critic_lr}], eps=1e-5, weight_decay=0.0)
+            opt = adamw([{"params": policy_params, "lr": cfg.lr}, {"params": critic_params, "lr": cfg.critic_lr}],
+                        cfg.lr)
             (m.policy, opt), (m.critic, _) = ddp_prepare(proc, (m.policy, opt), (m.critic, None))
             return [Updater("policy", opt, policy_params + critic_params, cfg.max_grad_norm)]
-        critic_opt = torch.optim.AdamW(critic_params, lr=cfg.critic_lr, eps=1e-5, weight_decay=0.0)
+        critic_opt = adamw(critic_params, cfg.critic_lr)
         (m.policy, opt), (m.critic, critic_opt) = ddp_prepare(proc, (m.policy, opt), (m.critic, critic_opt))
         return [Updater("policy", opt, policy_params, cfg.max_grad_norm),
                 Updater("critic", critic_opt, critic_params, cfg.critic_max_grad_norm or cfg.max_grad_norm,

@@ -276,13 +276,17 @@ def test_distill_full_loss_gradient_and_recorded_kls_are_the_same_with_chunked_l
     assert torch.allclose(out[0][2], out[7][2], atol=1e-5) and torch.allclose(out[0][3], out[7][3], atol=1e-5)
 
 
-def test_accumulation_invariance_covers_the_actor_and_the_critic():
+@pytest.mark.parametrize("critic_from", ["policy", "shared"])
+def test_accumulation_invariance_covers_the_actor_and_the_critic(critic_from):
     """PPO's real loss (clipped surrogate + value loss) with separate actor / critic updaters: one minibatch of 8 in
-    one micro-batch or in 4 of 2 gives the same policy and critic weights (each clipped by its own norm)."""
+    one micro-batch or in 4 of 2 gives the same policy and critic weights (each clipped by its own norm), with the
+    critic on its own backbone or a head on the policy's."""
     out = []
     for micro in (8, 2):
         torch.manual_seed(0)
-        models = tiny_models("gae")
+        models = tiny_models("gae", critic_from=critic_from)
+        if critic_from == "shared":
+            torch.nn.init.normal_(models.critic.head.weight, std=0.1)  # so the value loss reaches the backbone
         cfg = ppo_cfg(micro_batch_size=micro, max_grad_norm=0.05, critic_max_grad_norm=0.05)
         algo = PPO(models, CountToken(), PROMPTS, cfg, PREC, seed=0)
         updaters = algo.setup(loop.Process(None, 1, 0), 0)
@@ -293,3 +297,93 @@ def test_accumulation_invariance_covers_the_actor_and_the_critic():
         out.append([torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (models.policy, models.critic)])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# critic_from: shared (a value head on the policy's own hidden states)
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_shared_value_head_trains_through_the_loop_and_checkpoints_the_head_alone(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    models = tiny_models("gae", critic_from="shared")
+    head0 = copy.deepcopy(models.critic.state_dict())
+    policy0 = [p.detach().clone() for p in models.policy.parameters()]
+    cfg = ppo_cfg(iterations=3, checkpoint_every=2)
+    hist = loop.train(PPO(models, CountToken(), PROMPTS, cfg, PREC), tmp_path, progress=False)
+    assert len(hist) == 3 and "ppo/explained_variance" in hist[-1] and "ppo/critic_grad_norm" in hist[-1]
+    assert any(not torch.equal(v, models.critic.state_dict()[k]) for k, v in head0.items())
+    assert any(not torch.equal(a, b) for a, b in zip(policy0, models.policy.parameters()))
+    saved = load_file(str(tmp_path / "checkpoints" / "iter-000002" / "critic.safetensors"))
+    assert sorted(saved) == ["head.bias", "head.weight"]  # the head, not a copy of the policy
+
+
+def test_shared_values_and_logprobs_come_from_one_forward_equal_to_separate_ones():
+    """`recompute_logprobs_values` (one policy forward) gives the log-probs of `recompute_logprobs` and the values
+    of `recompute_values` over the same policy, chunked output layer or not."""
+    from pipeline.onpolicy import recompute_logprobs
+    from pipeline.rlmodels import recompute_values
+    from pipeline.stages.ppo import recompute_logprobs_values
+
+    torch.manual_seed(0)
+    models = tiny_models("gae", critic_from="shared")
+    torch.nn.init.normal_(models.critic.head.weight)  # non-zero values
+    algo = PPO(models, CountToken(), PROMPTS, ppo_cfg(), PREC)
+    batch, _ = algo.collect(1, False, loop.Generation(), loop.Throughput())
+    for chunk in (0, 3):
+        cfg = ppo_cfg(logits_chunk_size=chunk, micro_batch_size=3)
+        lp, v = recompute_logprobs_values(models, batch, cfg)
+        torch.testing.assert_close(lp, recompute_logprobs(models.policy, batch, cfg.temperature, 2))
+        torch.testing.assert_close(v, recompute_values(models.critic, batch, 5, policy=models.policy))
+        assert v.abs().sum() > 0
+
+
+def test_the_shared_heads_value_loss_reaches_the_policy_backbone_and_warmup_leaves_it_untouched(tmp_path):
+    torch.manual_seed(0)
+    models = tiny_models("gae", critic_from="shared")
+    torch.nn.init.normal_(models.critic.head.weight)  # at zero (its start) no gradient passes the head
+    cfg = ppo_cfg()
+    algo = PPO(models, CountToken(), PROMPTS, cfg, PREC, seed=0)
+    batch, _ = algo.collect(1, False, loop.Generation(), loop.Throughput())
+    batch.returns = batch.returns + 5.0
+    batch.advantages = torch.zeros_like(batch.advantages)  # no policy-gradient term: only the value loss
+    for warmup, reaches in ((False, True), (True, False)):
+        models.policy.zero_grad(set_to_none=True)
+        models.critic.zero_grad(set_to_none=True)
+        loss, stats = make_loss_fn(models, cfg, algo.kl_ctl, PREC, train_policy=not warmup)(batch, float(batch.n_tokens))
+        loss.backward()
+        assert models.critic.head.weight.grad.abs().sum() > 0 and stats["value_loss"] > 0
+        backbone = [p.grad for p in models.policy.model.layers.parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in backbone) == reaches
+    # Whole warm-up iterations through the loop: the policy stays bit-identical.
+    torch.manual_seed(0)
+    models = tiny_models("gae", critic_from="shared")
+    policy0 = copy.deepcopy(models.policy.state_dict())
+    hist = loop.train(PPO(models, CountToken(), PROMPTS, ppo_cfg(critic_warmup=2, iterations=0), PREC), tmp_path,
+                      progress=False)
+    assert len(hist) == 2 and all(torch.equal(v, models.policy.state_dict()[k]) for k, v in policy0.items())
+
+
+def test_fused_adamw_gives_the_per_tensor_loops_update_and_is_the_default_on_cpu():
+    """`onpolicy.adamw`: torch's fused kernel where the device has one (CPU here), the same weights as the
+    per-tensor loop after a few steps with param groups of different learning rates."""
+    from pipeline.onpolicy import adamw
+
+    out = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = build_tiny_model(build_tiny_tokenizer())
+        params = list(model.parameters())
+        opt = adamw([{"params": params[:3], "lr": 2e-2}, {"params": params[3:], "lr": 1e-2}], 1e-2, fused=fused)
+        for step in range(3):
+            torch.manual_seed(step)
+            x = torch.randint(0, 60, (2, 7))
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        out[fused] = torch.cat([p.detach().flatten() for p in params])
+    torch.testing.assert_close(out[True], out[False], atol=1e-6, rtol=1e-5)
+    assert adamw([torch.nn.Parameter(torch.ones(2))], 1e-3).defaults["fused"]
+    assert not adamw([torch.nn.Parameter(torch.ones(2))], 1e-3, fused=False).defaults["fused"]

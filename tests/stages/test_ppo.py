@@ -19,7 +19,7 @@ from pipeline.onpolicy import (
     policy_logprobs,
     recompute_logprobs,
 )
-from pipeline.rlmodels import PPOModels, ValueModel
+from pipeline.rlmodels import PPOModels, SharedValueHead, ValueModel
 from pipeline.stages.ppo import train_ppo
 
 PROMPTS = [{"prompt": [{"role": "user", "content": f"hello world {i}"}]} for i in range(8)]
@@ -35,7 +35,7 @@ class CountToken:
         return torch.tensor([t.count(self.target) / 4 for t in texts], dtype=torch.float32)
 
 
-def tiny_models(advantage: str, lora: bool = False):
+def tiny_models(advantage: str, lora: bool = False, critic_from: str = "policy"):
     from transformers import LlamaForSequenceClassification
 
     tok = build_tiny_tokenizer()
@@ -51,7 +51,9 @@ def tiny_models(advantage: str, lora: bool = False):
     else:
         reference = copy.deepcopy(policy).requires_grad_(False)
     critic = None
-    if advantage == "gae":
+    if advantage == "gae" and critic_from == "shared":
+        critic = SharedValueHead(policy.config.hidden_size)
+    elif advantage == "gae":
         cfg = copy.deepcopy(build_tiny_model(tok).config)
         cfg.num_labels = 1
         critic = ValueModel(LlamaForSequenceClassification(cfg))
