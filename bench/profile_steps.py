@@ -12,7 +12,8 @@ caches). Distillation: the run `bench/distill_vs_trl.py` times for ours (the `di
 default model as teacher, its every-2nd-layer student, batch 4, 32 new tokens, reverse KL over the full
 vocabulary); two steps, the second profiled. Settings as in those benches: `equal` = fp32 with our defaults,
 `best` = bf16 autocast on a CPU with native bf16 plus `logits_chunk_size` 256 and (PPO) `logprobs_from:
-sampler` where the config has that field (`bench_common.best_onpolicy_kwargs`).
+sampler` where the config has that field (`bench_common.best_onpolicy_kwargs`) and the shared value head
+(`critic_from: shared`, as `ppo_vs_trl.py`'s `best`).
 
 The profiler records CPU activities with memory (profile_memory on, record_shapes off). For each run it
 prints the top `--rows` rows of `key_averages().table(sort_by="self_cpu_time_total")`, and writes the

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from conftest import build_tiny_model, build_tiny_tokenizer
 from pipeline import loop
-from pipeline.config import DistillConfig, KeepLayersConfig, ModelConfig, PPOConfig, StudentConfig
+from pipeline.config import DistillConfig, KeepLayersConfig, LoraConfig, ModelConfig, PPOConfig, StudentConfig
 from pipeline.models import resolve_precision, student_from_teacher
 from pipeline.onpolicy import RolloutBatch, UpdateSettings, Updater, optimise
 from pipeline.rl import explained_variance
@@ -304,14 +304,15 @@ def test_accumulation_invariance_covers_the_actor_and_the_critic(critic_from):
 # --------------------------------------------------------------------------------------------
 
 
-def test_a_shared_value_head_trains_through_the_loop_and_checkpoints_the_head_alone(tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_shared_value_head_trains_through_the_loop_and_checkpoints_the_head_alone(tmp_path, lora):
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    models = tiny_models("gae", critic_from="shared")
+    models = tiny_models("gae", lora=lora, critic_from="shared")
     head0 = copy.deepcopy(models.critic.state_dict())
     policy0 = [p.detach().clone() for p in models.policy.parameters()]
-    cfg = ppo_cfg(iterations=3, checkpoint_every=2)
+    cfg = ppo_cfg(iterations=3, checkpoint_every=2, lora=LoraConfig(r=4, alpha=8, dropout=0.0) if lora else None)
     hist = loop.train(PPO(models, CountToken(), PROMPTS, cfg, PREC), tmp_path, progress=False)
     assert len(hist) == 3 and "ppo/explained_variance" in hist[-1] and "ppo/critic_grad_norm" in hist[-1]
     assert any(not torch.equal(v, models.critic.state_dict()[k]) for k, v in head0.items())
