@@ -20,7 +20,8 @@ so that is extra work on ours' side only. Not tried: a static KV cache / torch.c
 `generate` (logits chunking is a training-forward option, not a sampling one). Tokens counted for both =
 response tokens through the first EOS (the PPO response mask). Each configuration is warmed up once per
 side, then the two sides alternate for `--repeats` rounds so machine load hits both alike; the median is
-reported.
+reported, and `paired`: the median over rounds of each round's own ratio (plain seconds / ours seconds; a
+round samples the same tokens on both sides, so it compares equal work even when rounds differ in length).
 Tokens per second are given per wall second and per process CPU second (all threads,
 `time.process_time`): on a machine shared with other jobs the CPU figure still measures the work each
 side does, the wall figure mostly measures the other jobs. Throughput figures are what this machine gave
@@ -150,6 +151,9 @@ def run_setting(model, tok, prompts: list, args, precision, setting: str) -> lis
                 row[f"{name}_tokens_per_cpu_s"] = statistics.median(n / c for _, c, n in runs)
                 row[f"{name}_runs"] = [{"seconds": s, "cpu_seconds": c, "tokens": n} for s, c, n in runs]
             row["ratio"] = row["ours_tokens_per_s"] / row["plain_tokens_per_s"]
+            # Each round samples the same tokens on both sides (same seed): its own ratio pairs equal work, while
+            # the two medians above may come from rounds of different lengths.
+            row["paired_ratio"] = statistics.median(p[0] / o[0] for o, p in zip(ours, plain))
             row["cpu_ratio"] = row["ours_tokens_per_cpu_s"] / row["plain_tokens_per_cpu_s"]
             rows_out.append(row)
             print(f"  {setting} batch {batch:>3} max_new_tokens {max_new:>4}: "
@@ -196,14 +200,15 @@ def main() -> None:
         print(f"\n== setting: {setting} (bf16 autocast {precisions[setting].autocast}, both sides; ours records "
               f"sampled log-probs: {bool(sampler_logprobs_kwargs(setting))}) ==")
         print(f"{'batch':>6}{'max_new':>9}{'ours tok/s':>12}{'plain tok/s':>13}{'ours/plain':>12}"
-              f"{'ours tok/CPU s':>16}{'plain tok/CPU s':>17}{'ours/plain':>12}")
+              f"{'ours tok/CPU s':>16}{'plain tok/CPU s':>17}{'ours/plain':>12}{'paired':>8}")
         for r in rows_out:
             if r["setting"] != setting:
                 continue
             print(f"{r['batch']:>6}{r['max_new_tokens']:>9}{r['ours_tokens_per_s']:>12.1f}"
                   f"{r['plain_tokens_per_s']:>13.1f}{r['ratio']:>12.2f}{r['ours_tokens_per_cpu_s']:>16.1f}"
-                  f"{r['plain_tokens_per_cpu_s']:>17.1f}{r['cpu_ratio']:>12.2f}")
-    print(f"(median of {args.repeats}; load average {os.getloadavg()[0]:.2f} at the end)")
+                  f"{r['plain_tokens_per_cpu_s']:>17.1f}{r['cpu_ratio']:>12.2f}{r['paired_ratio']:>8.2f}")
+    print(f"(median of {args.repeats}; paired: the median over rounds of plain seconds / ours seconds, each round "
+          f"the same sampled tokens on both sides; load average {os.getloadavg()[0]:.2f} at the end)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
