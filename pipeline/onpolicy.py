@@ -603,8 +603,8 @@ def adamw(params, lr: float, fused: Optional[bool] = None) -> torch.optim.AdamW:
     kernel where every parameter sits on a device that has one (CPU, CUDA): the same update as the per-tensor
     loop, in one kernel per step (81M parameters on 2 CPU cores: 45 ms a step against 202, docs/results.md);
     transformers' Trainer defaults to it with torch >= 2.8. Fused needs floating-point parameters."""
-    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else list(params)
     if fused is None:
+        tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
         fused = bool(tensors) and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in tensors)
     return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0, fused=fused or None)
 

@@ -2,8 +2,8 @@
 
 PPO: a policy (LoRA on the SFT model, or all of it), a reference (the same model with the adapter disabled,
 or a frozen copy) and, for GAE, a critic: a scalar value head on its own backbone, from the reward model or
-the policy, or (`critic_from: shared`) a scalar head on the policy's own final hidden states. Distillation: a frozen teacher and a student (any causal LM with the teacher's tokenizer, or the
-teacher cut to some of its layers: `models.student_from_teacher`). Dropout is off in every model during RL
+the policy, or (`critic_from: shared`) a scalar head on the policy's own final hidden states. Distillation: a
+frozen teacher and a student (any causal LM with the teacher's tokenizer, or the teacher cut to some of its layers: `models.student_from_teacher`). Dropout is off in every model during RL
 (eval mode; gradients still flow): docs/implementation_details.md.
 """
 
@@ -77,14 +77,16 @@ def is_shared(critic) -> bool:
     return isinstance(unwrap(critic), SharedValueHead)
 
 
-def critic_values(critic, batch: RolloutBatch, policy=None) -> Tensor:
+def critic_values(critic, batch: RolloutBatch, policy=None, backbone_grad: bool = True) -> Tensor:
     """V(s_t) for every response position: the state before response token t. (B, T). A shared head
     (`SharedValueHead`) reads `policy`'s final hidden states (one policy forward; the output layer runs on one
-    position only)."""
+    position only), with `backbone_grad=False` without gradient into the policy (the head alone learns)."""
     if is_shared(critic):
         if policy is None:
             raise ValueError("a shared value head needs the policy whose hidden states it reads")
-        return critic(response_hidden(policy, batch)[0])
+        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+            hidden = response_hidden(policy, batch)[0]
+        return critic(hidden)
     input_ids, attention_mask, position_ids = model_inputs(
         batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
     P, T = batch.query_ids.shape[1], batch.response_ids.shape[1]

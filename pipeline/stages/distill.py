@@ -32,9 +32,9 @@ from ..distributed import accelerate_precision, shard
 from ..loop import OnPolicyAlgorithm, Process, ddp_prepare, summarise, train
 from ..models import Precision, cut_neighbours, decoder_layer_parameters, save_final
 from ..onpolicy import (
-    Generation, PromptSampler, RolloutBatch, SamplingSettings, Throughput, Updater, adamw, chunk_seed, concat_batches,
-    demonstration_batch, expand_prompts, pass_rate, policy_logprobs, response_hidden, response_logits, sample_rows,
-    unwrap_for_generation,
+    Generation, PromptSampler, RolloutBatch, SamplingSettings, Throughput, Updater, adamw, chunk_seed,
+    concat_batches, demonstration_batch, expand_prompts, pass_rate, policy_logprobs, response_hidden, response_logits,
+    sample_rows, unwrap_for_generation,
 )
 from ..preflight import check_distill_config as check_config
 from ..rlmodels import DistillModels

@@ -39,14 +39,14 @@ from ..distributed import accelerate_precision, gather_mean, shard, whiten_globa
 from ..loop import OnPolicyAlgorithm, Process, ddp_prepare, summarise, train
 from ..models import Precision, save_final
 from ..onpolicy import (
-    Generation, PromptSampler, RolloutBatch, adamw, SamplingSettings, Throughput, Updater, check_prompt_lengths,
-    concat_batches, engine_returns_logprobs, expand_prompts, logprobs_gap, logprobs_gap_due, pass_rate,
-    in_micro_batches, policy_logprobs, recompute_logprobs, response_hidden, sample_rows, unwrap_for_generation,
+    Generation, PromptSampler, RolloutBatch, SamplingSettings, Throughput, Updater, adamw, check_prompt_lengths,
+    concat_batches, engine_returns_logprobs, expand_prompts, in_micro_batches, logprobs_gap, logprobs_gap_due,
+    pass_rate, policy_logprobs, recompute_logprobs, response_hidden, sample_rows, unwrap_for_generation,
 )
 from ..rl import (
-    AdaptiveKLController, chunked_token_logprobs, FixedKLController, entropy_bonus, entropy_from_logits, explained_variance, gae, kl_loss,
-    kl_penalty, masked_mean, masked_var, policy_loss, reinforce_advantages, rloo_token_advantages,
-    token_level_rewards, value_loss
+    AdaptiveKLController, FixedKLController, chunked_token_logprobs, entropy_bonus, entropy_from_logits,
+    explained_variance, gae, kl_loss, kl_penalty, masked_mean, masked_var, policy_loss, reinforce_advantages,
+    rloo_token_advantages, token_level_rewards, value_loss
 )
 from ..rlmodels import PPOModels, critic_values, recompute_values
 from ..rlmodels import build_ppo_models as build_models
@@ -210,14 +210,9 @@ def make_loss_fn(models: PPOModels, cfg: PPOConfig, kl_ctl, precision: Precision
             if cfg.kl_in == "loss":
                 loss = loss + kl_ctl.value * kl_loss(logprobs, mb.ref_logprobs, mask, "k3", n_tokens)
         if models.critic is not None:
-            if values is None and models.shared_critic:  # warm-up: the head alone learns, the backbone is frozen
+            if values is None:  # an own-backbone critic, or the shared head's warm-up (the head alone learns)
                 with precision.autocast_ctx():
-                    with torch.no_grad():
-                        hidden = response_hidden(models.policy, mb)[0]
-                    values = models.critic(hidden)
-            elif values is None:
-                with precision.autocast_ctx():
-                    values = critic_values(models.critic, mb)
+                    values = critic_values(models.critic, mb, models.policy, backbone_grad=False)
             vf, vstats = value_loss(values, mb.values, mb.returns, mask, cfg.clip_coef_v, n_tokens)
             loss = loss + cfg.vf_coef * vf
             stats["value_loss"] = vf.detach() * n_tokens / max(mb.n_tokens, 1)
