@@ -3,7 +3,8 @@
 PPO: a policy (LoRA on the SFT model, or all of it), a reference (the same model with the adapter disabled,
 or a frozen copy) and, for GAE, a critic: a scalar value head on its own backbone, from the reward model or
 the policy, or (`critic_from: shared`) a scalar head on the policy's own final hidden states. Distillation: a
-frozen teacher and a student (any causal LM with the teacher's tokenizer, or the teacher cut to some of its layers: `models.student_from_teacher`). Dropout is off in every model during RL
+frozen teacher and a student (any causal LM with the teacher's tokenizer, or the teacher cut to some of its
+layers: `models.student_from_teacher`). Dropout is off in every model during RL
 (eval mode; gradients still flow): docs/implementation_details.md.
 """
 
