@@ -20,8 +20,11 @@ so that is extra work on ours' side only. Not tried: a static KV cache / torch.c
 `generate` (logits chunking is a training-forward option, not a sampling one). Tokens counted for both =
 response tokens through the first EOS (the PPO response mask). Each configuration is warmed up once per
 side, then the two sides alternate for `--repeats` rounds so machine load hits both alike; the median is
-reported, and `paired`: the median over rounds of each round's own ratio (plain seconds / ours seconds; a
-round samples the same tokens on both sides, so it compares equal work even when rounds differ in length).
+reported, and `paired`: the median over rounds of each round's own ratio of seconds per decode step (plain /
+ours; a decode step is one new token for the whole batch, the same work on both sides). The two sides draw
+different tokens (ours samples by an exponential race on `torch.rand`, `generate` by `torch.multinomial`), so
+a round's answers, and how many steps it runs, differ between them; tokens per second count the tokens each
+side's answers kept.
 Tokens per second are given per wall second and per process CPU second (all threads,
 `time.process_time`): on a machine shared with other jobs the CPU figure still measures the work each
 side does, the wall figure mostly measures the other jobs. Throughput figures are what this machine gave
@@ -108,16 +111,17 @@ def sampler_logprobs_kwargs(setting: str) -> dict:
     return {}
 
 
-def run_ours(model, tok, rows: list, max_new_tokens: int, precision, **kw) -> tuple[float, float, int]:
+def run_ours(model, tok, rows: list, max_new_tokens: int, precision, **kw) -> tuple[float, float, int, int]:
+    """-> (seconds, CPU seconds, response tokens through the first EOS, decode steps run)."""
     t, c = time.perf_counter(), time.process_time()
     q, qm = encode_prompts(tok, rows, precision.device)
     _, mask, *_ = sample_responses(model, tok, q, qm, SamplingSettings(max_new_tokens, temperature=1.0),
                                    precision.autocast_ctx(), **kw)
-    return time.perf_counter() - t, time.process_time() - c, int(mask.sum())
+    return time.perf_counter() - t, time.process_time() - c, int(mask.sum()), mask.shape[1]
 
 
 @torch.no_grad()
-def run_plain(model, tok, rows: list, max_new_tokens: int, precision) -> tuple[float, float, int]:
+def run_plain(model, tok, rows: list, max_new_tokens: int, precision) -> tuple[float, float, int, int]:
     t, c = time.perf_counter(), time.process_time()
     texts = [tok.apply_chat_template(messages(ex), tokenize=False, add_generation_prompt=True) for ex in rows]
     inputs = tok(texts, padding=True, padding_side="left", return_tensors="pt").to(precision.device)
@@ -125,7 +129,7 @@ def run_plain(model, tok, rows: list, max_new_tokens: int, precision) -> tuple[f
         out = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=max_new_tokens,
                              pad_token_id=tok.pad_token_id)
     mask, _ = mask_after_eos(out[:, inputs["input_ids"].shape[1]:], tok.eos_token_id)
-    return time.perf_counter() - t, time.process_time() - c, int(mask.sum())
+    return time.perf_counter() - t, time.process_time() - c, int(mask.sum()), mask.shape[1]
 
 
 def run_setting(model, tok, prompts: list, args, precision, setting: str) -> list[dict]:
@@ -139,7 +143,7 @@ def run_setting(model, tok, prompts: list, args, precision, setting: str) -> lis
             run_plain(model, tok, slices[0], max_new, precision)
             ours, plain = [], []
             for r, rows in enumerate(slices[1:]):
-                # The same seed for both sides: equal inputs then sample equal tokens, so both do the same work.
+                # The same seed before each side (the samplers differ, so the tokens do too; see `paired`).
                 torch.manual_seed(args.seed * 100003 + r)
                 ours.append(run_ours(model, tok, rows, max_new, precision, **kw))
                 torch.manual_seed(args.seed * 100003 + r)
@@ -147,18 +151,20 @@ def run_setting(model, tok, prompts: list, args, precision, setting: str) -> lis
             row = {"setting": setting, "autocast_bf16": precision.autocast, "ours_sampler_logprobs": bool(kw),
                    "batch": batch, "max_new_tokens": max_new}
             for name, runs in (("ours", ours), ("plain", plain)):
-                row[f"{name}_tokens_per_s"] = statistics.median(n / s for s, _, n in runs)
-                row[f"{name}_tokens_per_cpu_s"] = statistics.median(n / c for _, c, n in runs)
-                row[f"{name}_runs"] = [{"seconds": s, "cpu_seconds": c, "tokens": n} for s, c, n in runs]
+                row[f"{name}_tokens_per_s"] = statistics.median(n / s for s, _, n, _ in runs)
+                row[f"{name}_tokens_per_cpu_s"] = statistics.median(n / c for _, c, n, _ in runs)
+                row[f"{name}_runs"] = [{"seconds": s, "cpu_seconds": c, "tokens": n, "steps": k}
+                                       for s, c, n, k in runs]
             row["ratio"] = row["ours_tokens_per_s"] / row["plain_tokens_per_s"]
-            # Each round samples the same tokens on both sides (same seed): its own ratio pairs equal work, while
-            # the two medians above may come from rounds of different lengths.
-            row["paired_ratio"] = statistics.median(p[0] / o[0] for o, p in zip(ours, plain))
+            # Seconds per decode step, round by round: equal work per step on both sides, while the medians above
+            # may come from rounds (and sides) that ran different numbers of steps.
+            row["paired_ratio"] = statistics.median((p[0] / p[3]) / (o[0] / o[3]) for o, p in zip(ours, plain))
             row["cpu_ratio"] = row["ours_tokens_per_cpu_s"] / row["plain_tokens_per_cpu_s"]
             rows_out.append(row)
             print(f"  {setting} batch {batch:>3} max_new_tokens {max_new:>4}: "
-                  f"ours {[f'{n} in {s:.2f}s ({c:.2f} CPU s)' for s, c, n in ours]}, "
-                  f"plain {[f'{n} in {s:.2f}s ({c:.2f} CPU s)' for s, c, n in plain]}", flush=True)
+                  f"ours {[f'{n} tokens / {k} steps in {s:.2f}s ({c:.2f} CPU s)' for s, c, n, k in ours]}, "
+                  f"plain {[f'{n} tokens / {k} steps in {s:.2f}s ({c:.2f} CPU s)' for s, c, n, k in plain]}",
+                  flush=True)
     return rows_out
 
 
@@ -207,8 +213,8 @@ def main() -> None:
             print(f"{r['batch']:>6}{r['max_new_tokens']:>9}{r['ours_tokens_per_s']:>12.1f}"
                   f"{r['plain_tokens_per_s']:>13.1f}{r['ratio']:>12.2f}{r['ours_tokens_per_cpu_s']:>16.1f}"
                   f"{r['plain_tokens_per_cpu_s']:>17.1f}{r['cpu_ratio']:>12.2f}{r['paired_ratio']:>8.2f}")
-    print(f"(median of {args.repeats}; paired: the median over rounds of plain seconds / ours seconds, each round "
-          f"the same sampled tokens on both sides; load average {os.getloadavg()[0]:.2f} at the end)")
+    print(f"(median of {args.repeats}; paired: the median over rounds of plain / ours seconds per decode step, "
+          f"one new token for the whole batch; load average {os.getloadavg()[0]:.2f} at the end)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
