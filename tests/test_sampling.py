@@ -65,3 +65,63 @@ def test_nan_scores_are_refused_with_the_rows_named():
     q, qm = encode_prompts(tok, PROMPTS[:2], "cpu")
     with pytest.raises(RuntimeError, match=r"NaN or all -inf for batch rows \[0, 1\]"):
         sample_responses(model, tok, q, qm, SamplingSettings(max_new_tokens=3, temperature=0.7))
+
+
+# --------------------------------------------------------------------------------------------
+# Prepacked bf16 weights while sampling under CPU bf16 autocast (`packed_cpu_linears`)
+# --------------------------------------------------------------------------------------------
+
+bf16_cpu = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                                   and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                              reason="oneDNN bf16 matmuls are not available on this CPU")
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
+
+
+@bf16_cpu
+@pytest.mark.parametrize("lora", [False, True])
+def test_packed_linears_give_autocasts_logits_and_restore_the_forwards(lora):
+    """Inside the context every nn.Linear (LoRA's included) runs the packed bf16 product; the logits equal
+    autocast's own to bf16 rounding and the greedy tokens are the same; on exit no instance forward is left."""
+    from pipeline.onpolicy import packed_cpu_linears
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok, seed=0)
+    if lora:
+        model = _lora(model)
+        with torch.no_grad():  # a LoRA B of zeros would hide the adapter path
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+    model.eval()
+    q, qm = encode_prompts(tok, PROMPTS, "cpu")
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(input_ids=q, attention_mask=qm).logits.float()
+        with packed_cpu_linears(model):
+            assert all("forward" in vars(m) for m in linears)
+            got = model(input_ids=q, attention_mask=qm).logits.float()
+    assert not any("forward" in vars(m) for m in linears)
+    assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
+    s = SamplingSettings(max_new_tokens=8)
+    auto = torch.autocast("cpu", dtype=torch.bfloat16)
+    greedy = sample_responses(model, tok, q, qm, s, auto, greedy=True)[0]
+    plain = sample_responses(model, tok, q, qm, SamplingSettings(max_new_tokens=8, pack_cpu_weights=False),
+                             torch.autocast("cpu", dtype=torch.bfloat16), greedy=True)[0]
+    assert torch.equal(greedy, plain)
+
+
+def test_packed_linears_do_nothing_outside_cpu_bf16_autocast():
+    from pipeline.onpolicy import cpu_linears_packable, packed_cpu_linears
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok, seed=0)
+    assert not cpu_linears_packable(model)  # no autocast
+    with packed_cpu_linears(model):
+        assert not any("forward" in vars(m) for m in model.modules())
+    with torch.autocast("cpu", dtype=torch.bfloat16), packed_cpu_linears(model, enabled=False):
+        assert not any("forward" in vars(m) for m in model.modules())
