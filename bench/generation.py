@@ -16,8 +16,10 @@ no top-k / top-p: `top_k=0` because transformers' own default is top-k 50), KV c
 `pipeline.models.cpu_has_native_bf16`), else fp32; `both` (default) prints one table each. In `best` ours
 also records each sampled token's log-prob (`sample_responses(..., with_logprobs=True)`, where this
 version has it), as a PPO iteration with `logprobs_from: sampler` does; plain `generate` records nothing,
-so that is extra work on ours' side only. Not tried: a static KV cache / torch.compile for plain
-`generate` (logits chunking is a training-forward option, not a sampling one). Tokens counted for both =
+so that is extra work on ours' side only; and ours samples with the weights prepacked for oneDNN
+(`onpolicy.packed_cpu_linears`, as every rollout under CPU bf16 autocast does). A static KV cache with
+torch.compile is not a side here: on this CPU it was no faster than the dynamic cache (docs/results.md)
+(logits chunking is a training-forward option, not a sampling one). Tokens counted for both =
 response tokens through the first EOS (the PPO response mask). Each configuration is warmed up once per
 side, then the two sides alternate for `--repeats` rounds so machine load hits both alike; the median is
 reported, and `paired`: the median over rounds of each round's own ratio of seconds per decode step (plain /
