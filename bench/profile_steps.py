@@ -4,6 +4,7 @@
     python bench/profile_steps.py --settings both  # or equal; one pair of tables per setting
     python bench/profile_steps.py --what ppo --rows 40  # only PPO, a longer table
     python bench/profile_steps.py --tiny           # tiny random models (a quick check of the script)
+    python bench/profile_steps.py --what distill --shapes  # one row per (op, input shapes)
 
 PPO: the run `bench/ppo_vs_trl.py` times for ours (`bench/ppo.py --no-lora`, the default model as policy and
 reference, a sequence-classification model from the same directory as reward model and critic, batch 16,
@@ -54,13 +55,15 @@ class ProfiledThroughput(CPUThroughput):
 
     count = 0
     result = None
+    record_shapes = False
 
     def __init__(self):
         super().__init__()
         ProfiledThroughput.count += 1
         self.prof = None
         if ProfiledThroughput.count == PROFILED_ITERATION:
-            self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False, profile_memory=True)
+            self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=self.record_shapes,
+                                profile_memory=True)
             self.prof.__enter__()
 
     @contextlib.contextmanager
@@ -156,6 +159,7 @@ def profile_one(what: str, setting: str, args) -> None:
     from pipeline.utils import close_metrics_loggers
 
     ProfiledThroughput.reset()
+    ProfiledThroughput.record_shapes = args.shapes
     loop.Throughput = ProfiledThroughput  # the one loop makes one per iteration
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix=f"profile-{what}-") as tmp:
@@ -174,7 +178,11 @@ def profile_one(what: str, setting: str, args) -> None:
     print(f"\n== {name}, setting {setting}: {settings} ==")
     print(f"profiled iteration {PROFILED_ITERATION} (of {PROFILED_ITERATION}, {wall:.0f}s wall in all, profiler on): "
           + ", ".join(f"{k} {v:.2f}s" for k, v in parts.items()))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if args.shapes:
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=50, max_shapes_column_width=70))
+    else:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trace = out / f"profile_{what}_{setting}{'_tiny' if args.tiny else ''}.json.gz"
@@ -197,6 +205,7 @@ def main() -> None:
     ap.add_argument("--prompts", default="data/constraints/prompts.jsonl")
     ap.add_argument("--rows", type=int, default=20, help="rows of each table")
     ap.add_argument("--threads", type=int, help="torch threads (default torch's)")
+    ap.add_argument("--shapes", action="store_true", help="record input shapes; one table row per (op, shapes)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the Chrome traces")
     ap.add_argument("--tiny", action="store_true", help="tiny random models and small sizes: a check of the script")
     args = ap.parse_args()

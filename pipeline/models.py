@@ -26,6 +26,7 @@ Tensor = torch.Tensor
 
 from .config import LoraConfig, ModelConfig, RecipeError
 from .utils import atomic_dir, log
+from .rl.chunked import contiguous_head_input
 
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": {
@@ -293,7 +294,7 @@ def load_causal_lm(path: str, cfg: ModelConfig, precision: Precision | None = No
         raise ModelError(f"model: could not load a causal LM from {path}: {e}") from None
     if tokenizer is not None:
         ensure_pad_token(tokenizer, model)
-    return model.to(precision.device)
+    return contiguous_head_input(model.to(precision.device))
 
 
 def load_policy(ref: str, cfg: ModelConfig, precision: Precision | None = None):
@@ -516,4 +517,4 @@ def student_from_teacher(teacher, keep_layers, calibration: Optional[tuple[Tenso
     student = AutoModelForCausalLM.from_config(config, dtype=dtype)
     student.load_state_dict(state, strict=True)  # every kept weight lands in place, nothing is left random
     student.generation_config = copy.deepcopy(teacher.generation_config)
-    return student.to(next(teacher.parameters()).device)
+    return contiguous_head_input(student.to(next(teacher.parameters()).device))

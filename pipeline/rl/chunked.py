@@ -59,6 +59,7 @@ __all__ = [
     "chunked_divergence",
     "chunked_divergences",
     "chunked_token_logprobs",
+    "contiguous_head_input",
     "output_head",
 ]
 
@@ -85,18 +86,19 @@ def _bounds(n: int, chunk_size: Optional[int]) -> list[tuple[int, int]]:
 
 def _run(fn: Callable[[int, int], tuple], n: int, chunk_size: Optional[int]) -> list[tuple]:
     """fn(start, end) -> tuple of (end - start,) tensors, for every chunk; under autograd each chunk
-    is checkpointed so its logits are recomputed in backward instead of kept."""
-    chunked = bool(chunk_size) and chunk_size > 0 and torch.is_grad_enabled()
-    outs = []
-    for s, e in _bounds(n, chunk_size):
-        outs.append(checkpoint(fn, s, e, use_reentrant=False) if chunked else fn(s, e))
-    return outs
+    is checkpointed so its logits are recomputed in backward instead of kept. A single chunk (n <= chunk_size)
+    is not: its logits are the only ones alive either way, so checkpointing would buy no memory for a second
+    output-layer matmul (and weight cast) and a second pass of the loss's elementwise work in backward."""
+    bounds = _bounds(n, chunk_size)
+    checkpointed = len(bounds) > 1 and torch.is_grad_enabled()
+    return [checkpoint(fn, s, e, use_reentrant=False) if checkpointed else fn(s, e) for s, e in bounds]
 
 
 def _cat(parts: list[Optional[Tensor]], shape: torch.Size) -> Optional[Tensor]:
+    """Chunks of (n, *extra) -> (*shape, *extra)."""
     if parts[0] is None:
         return None
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(shape)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(*shape, *parts[0].shape[1:])
 
 
 def _logits(head: Head, h: Tensor, vocab_size: Optional[int], name: str) -> Tensor:
@@ -205,7 +207,8 @@ def chunked_divergences(
     """Several per-token divergences from the same chunks of logits: each of `fns`, called as
     fn(student_logits, teacher_logits, temperature=temperature) on (1, n, V) logits -> (1, n), is applied to
     every chunk, so each chunk's logits are made once (and once more in backward) for all of them, e.g. the
-    main divergence and `losses.topk_forward_kl`. Inputs as `chunked_divergence`. -> one (B, T) per fn."""
+    main divergence and `losses.topk_forward_kl`. Inputs as `chunked_divergence`. -> one (B, T) per fn (a fn
+    may return (1, n, k): then (B, T, k))."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     s_flat = _flat(student_hidden, "student_hidden")
@@ -291,6 +294,32 @@ def output_head(model: nn.Module) -> LMHead:
     return LMHead(head, scale=scale, softcap=_config_number(core.config, "final_logit_softcapping"))
 
 
+def _contiguous_input(module: nn.Module, args: tuple):
+    x = args[0] if args else None
+    if isinstance(x, Tensor) and x.dim() > 2 and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
+
+
+def contiguous_head_input(model: nn.Module) -> nn.Module:
+    """Give the output layer of `model` (under any DDP / peft wrapper) contiguous input; -> `model`. Idempotent.
+
+    Why: transformers' causal LMs apply the output layer to a slice, `lm_head(hidden[:, -logits_to_keep:])`
+    (`logits_to_keep=1` in `generate`'s prefill, T + 1 for response logits), which is not contiguous. With no
+    gradient, `torch.matmul` then does not fold (B, k, H) into (B*k, H): it expands the (V, H) weight to
+    (B, H, V) and runs `bmm`, which on the CPU first copies the expanded weight, B copies of the whole output
+    layer (4 x 576 x 49,152 in bf16: 226 MB and about 0.2 s per call on the 2-core CPU of docs/results.md) for
+    a product that `mm` does on the folded rows. A forward pre-hook makes the (B, k, H) input contiguous (a
+    copy of B*k*H numbers), so the product folds into one `mm`. Same values; the hook is not saved with the
+    model."""
+    core = _unwrap(model)
+    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
+    if isinstance(head, nn.Module) and not getattr(head, "_pipeline_contiguous_input", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._pipeline_contiguous_input = True
+    return model
+
+
 def _body(core: nn.Module) -> nn.Module:
     body = core.get_decoder() if hasattr(core, "get_decoder") else None
     if body is None or body is core:
@@ -337,6 +366,7 @@ def causal_lm_hidden(
         raise ValueError(f"{type(core).__name__}.forward takes no `logits_to_keep`; chunked logits need it to keep the "
                          "model from projecting every position (transformers' causal LMs take it); set the chunk "
                          "size to 0 for this model")
+    contiguous_head_input(core)
     head, body = output_head(core), _body(core)
     captured: list = []
     handle = body.register_forward_hook(lambda module, args, out: captured.append(out))

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pipeline.rl.logprobs import entropy_from_logits, upcast
+from pipeline.rl.logprobs import _scaled_row, upcast
 
 Tensor = torch.Tensor
 
@@ -105,8 +105,8 @@ def _row_divergence(
         return student_logits.new_zeros(student_logits.shape[:-1], dtype=torch.float32)
     rows = []
     for s_row, t_row in zip(student_logits, teacher_logits):
-        logp_s = F.log_softmax(upcast(s_row) / temperature, dim=-1)
-        logp_t = F.log_softmax(upcast(t_row) / temperature, dim=-1)
+        logp_s = F.log_softmax(_scaled_row(s_row, temperature), dim=-1)
+        logp_t = F.log_softmax(_scaled_row(t_row, temperature), dim=-1)
         rows.append(fn(logp_s, logp_t))
     return torch.stack(rows)
 
@@ -204,7 +204,28 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
+STATE_FIGURES = ("reverse_kl", "forward_kl", "entropy")
+
+
+def student_state_figures_stacked(s_logits: Tensor, t_logits: Tensor) -> Tensor:
+    """`student_state_figures` as one (B, T, 3) float32 tensor, last axis in STATE_FIGURES' order. Each side's
+    log-softmax and probabilities are made once for the three figures (the same operations as
+    `reverse_kl_full`, `forward_kl_full` and `entropy_from_logits` at temperature 1, so the same values)."""
+    _check_vocab(s_logits, t_logits)
+    if s_logits.shape[0] == 0:
+        return s_logits.new_zeros((*s_logits.shape[:-1], len(STATE_FIGURES)), dtype=torch.float32)
+    rows = []
+    for s_row, t_row in zip(s_logits, t_logits):
+        logp_s = F.log_softmax(upcast(s_row), dim=-1)
+        logp_t = F.log_softmax(upcast(t_row), dim=-1)
+        p_s, p_t = logp_s.exp(), logp_t.exp()
+        reverse = (p_s * torch.where(p_s > 0, logp_s - logp_t, 0.0)).sum(-1)
+        forward = (p_t * torch.where(p_t > 0, logp_t - logp_s, 0.0)).sum(-1)
+        entropy = -(p_s * torch.where(p_s > 0, logp_s, 0.0)).sum(-1)
+        rows.append(torch.stack([reverse, forward, entropy], -1))
+    return torch.stack(rows)
+
+
 def student_state_figures(s_logits: Tensor, t_logits: Tensor) -> dict[str, Tensor]:
     """Exact per-token reverse / forward KL to the teacher and the student's entropy, at temperature 1."""
-    return {"reverse_kl": reverse_kl_full(s_logits, t_logits), "forward_kl": forward_kl_full(s_logits, t_logits),
-            "entropy": entropy_from_logits(s_logits)}
+    return dict(zip(STATE_FIGURES, student_state_figures_stacked(s_logits, t_logits).unbind(-1)))

@@ -44,6 +44,7 @@ from ..rl import (
     logprobs_from_logits, masked_mean, policy_loss
 )
 from ..rl.chunked import chunked_divergences
+from ..rl.kl import STATE_FIGURES, student_state_figures_stacked
 from ..rl.losses import topk_forward_kl
 from ..utils import MetricsLogger, atomic_write_json, log
 
@@ -89,16 +90,16 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
         """The same loss from the student's hidden states, its logits made `logits_chunk_size` positions at a time
         (one pass over the chunks for the divergence and the top-k term)."""
         fns = [divergence_fn(cfg.divergence, cfg.jsd_beta)] + ([topk] if topk is not None else [])
+        # The recorder's figures come from the same chunks of logits (no gradient), not a second output layer pass.
+        record = recorder is not None and recorder.wants(mb.rows)
         with precision.autocast_ctx():
             hidden, head = response_hidden(models.student, mb)
-            per_token, *term = chunked_divergences(hidden, head, mb.teacher_logits, fns, None, cfg.temperature,
-                                                   cfg.logits_chunk_size, V)
-            if recorder is not None:
-                rows = max(1, cfg.logits_chunk_size // max(hidden.shape[1], 1))  # whole rows, about a chunk's positions
-                with torch.no_grad():
-                    for s in range(0, hidden.shape[0], rows):
-                        recorder.record(mb.rows[s:s + rows], head(hidden[s:s + rows].detach())[..., :V],
-                                        mb.teacher_logits[s:s + rows, :, :V])
+            per_token, *rest = chunked_divergences(hidden, head, mb.teacher_logits,
+                                                   fns + ([_state_figures] if record else []), None,
+                                                   cfg.temperature, cfg.logits_chunk_size, V)
+        term = rest[:len(fns) - 1]
+        if record:
+            recorder.record_figures(mb.rows, dict(zip(STATE_FIGURES, rest[-1].unbind(-1))))
         loss = masked_sum(per_token, mb.response_mask.bool()) / n_tokens
         return with_topk(loss, per_token, term[0] if term else None, mb, n_tokens)
 
@@ -110,6 +111,13 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
         return policy_loss(logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_coef, n_tokens)
 
     return full_loss if cfg.estimator == "full" else sampled_loss
+
+
+def _state_figures(s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """`student_state_figures` (stacked, (1, n, 3)) as a `chunked_divergences` fn: at temperature 1 whatever the
+    loss's, and with no gradient (a record of the states, not part of the loss)."""
+    with torch.no_grad():
+        return student_state_figures_stacked(s_logits.detach(), t_logits)
 
 
 def make_cross_entropy_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision):
@@ -208,15 +216,29 @@ class StateStats:
         self.reverse_kl, self.forward_kl, self.entropy = (torch.zeros(B, T, device=dev) for _ in range(3))
         self.seen = torch.zeros(B, dtype=torch.bool, device=dev)
 
+    def wants(self, rows: Tensor) -> bool:
+        """Whether any of `rows` has no record yet."""
+        return bool((~self.seen[rows]).any())
+
     @torch.no_grad()
     def record(self, rows: Tensor, s_logits: Tensor, t_logits: Tensor) -> None:
         new = ~self.seen[rows]
         if not new.any():
             return
-        idx = rows[new]
         if not new.all():  # a later epoch's mix of seen rows: keep the new ones (a copy of their logits)
             s_logits, t_logits = s_logits[new], t_logits[new]
-        for k, v in student_state_figures(s_logits, t_logits).items():
+        self._store(rows[new], student_state_figures(s_logits, t_logits))
+
+    @torch.no_grad()
+    def record_figures(self, rows: Tensor, figures: dict[str, Tensor]) -> None:
+        """`student_state_figures` already computed for every one of `rows` ((len(rows), T) each); the rows
+        with no record yet keep theirs."""
+        new = ~self.seen[rows]
+        if new.any():
+            self._store(rows[new], {k: v[new] for k, v in figures.items()})
+
+    def _store(self, idx: Tensor, figures: dict[str, Tensor]) -> None:
+        for k, v in figures.items():
             getattr(self, k)[idx] = v.float()
         self.seen[idx] = True
 

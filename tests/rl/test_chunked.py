@@ -457,3 +457,73 @@ def test_chunked_peak_memory_is_a_fraction_of_the_full_logits():
     # 8 of 512 positions per chunk: a few chunk-sized (64 kB) temporaries plus the head's gradient (128 kB)
     assert chunked < LOGITS_BYTES / 4
     assert chunked < unchunked / 10
+
+
+class _OpLog(TorchDispatchMode):
+    """The aten ops run inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _head_ops(model, keep: int) -> tuple[list[str], torch.Tensor]:
+    ids = torch.randint(1, VOCAB, (3, 7))
+    with torch.no_grad(), _OpLog() as log:
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+    return log.ops, logits
+
+
+def test_contiguous_head_input_folds_the_kept_positions_into_one_mm():
+    """Without the hook, a frozen model's forward with logits_to_keep (a non-contiguous slice; a teacher's or a
+    reference's: `torch.matmul` folds anyway when the weight requires grad) runs the output layer as a bmm over
+    an expanded copy of its weight; with it, one mm over the folded rows, and the same logits."""
+    from pipeline.rl.chunked import contiguous_head_input
+
+    model = tiny_llama(0).requires_grad_(False)
+    for keep in (1, 4):
+        plain_ops, plain = _head_ops(model, keep)
+        assert "aten.bmm" in plain_ops  # the case the hook exists for (else this test tests nothing)
+    contiguous_head_input(model)
+    contiguous_head_input(model)  # idempotent: one hook
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
+    for keep in (1, 4):
+        ops, _ = _head_ops(model, keep)
+        assert "aten.bmm" not in ops and "aten.mm" in ops
+    ids = torch.randint(1, VOCAB, (3, 7))
+    with torch.no_grad():
+        a = model(input_ids=ids, use_cache=False, logits_to_keep=4).logits
+        b = model(input_ids=ids, use_cache=False).logits[:, -4:]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+class _CountingHead(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.calls = head, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.head(x)
+
+
+@pytest.mark.parametrize("chunk_size, calls", [(18, 1), (64, 1), (7, 6), (9, 4)])
+def test_a_single_chunk_is_not_checkpointed(chunk_size, calls):
+    """B*T = 18 positions: one chunk runs the output layer once (forward only, nothing recomputed in backward);
+    k > 1 chunks run it 2k times (each chunk's forward and its recomputation). Gradients equal either way."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, VOCAB, bias=False).double()
+    hidden = torch.randn(3, 6, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (3, 6))
+    counting = _CountingHead(head)
+    lp, ent = chunked_token_logprobs(hidden, counting, targets, chunk_size=chunk_size, with_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert counting.calls == calls
+    ref_hidden = hidden.detach().clone().requires_grad_(True)
+    logits = head(ref_hidden)
+    (logprobs_from_logits(logits, targets).sum() + entropy_from_logits(logits).sum()).backward()
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=0, atol=TOL)

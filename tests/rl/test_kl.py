@@ -152,3 +152,25 @@ def test_fixed_controller_never_moves_and_state_round_trips():
     other = FixedKLController(0.0)
     other.load_state_dict(fixed.state_dict())
     assert other.value == 0.05
+
+
+def test_student_state_figures_equal_the_separate_functions():
+    """The stacked figures share each side's log-softmax; the values are those of reverse_kl_full,
+    forward_kl_full and entropy_from_logits, bit for bit, with -inf (filtered) logits on either side."""
+    from pipeline.rl.kl import STATE_FIGURES, student_state_figures, student_state_figures_stacked
+    from pipeline.rl.logprobs import entropy_from_logits
+
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5, 40) * 4, torch.randn(3, 5, 40) * 4
+    s[0, 1, :7] = float("-inf")
+    t[2, 3, 5:9] = float("-inf")
+    for dtype in (torch.float32, torch.bfloat16):
+        sd, td = s.to(dtype), t.to(dtype)
+        stacked = student_state_figures_stacked(sd, td)
+        assert stacked.shape == (3, 5, 3) and stacked.dtype == torch.float32
+        expected = {"reverse_kl": reverse_kl_full(sd, td), "forward_kl": forward_kl_full(sd, td),
+                    "entropy": entropy_from_logits(sd)}
+        assert not torch.isnan(stacked).any()  # inf where one side gives 0 to a token the other does not
+        for i, name in enumerate(STATE_FIGURES):
+            assert torch.equal(stacked[..., i], expected[name])
+            assert torch.equal(student_state_figures(sd, td)[name], expected[name])
