@@ -152,10 +152,8 @@ def train(algo: OnPolicyAlgorithm, stage_dir: Path, seed: int = 0, accelerator=N
     optimizers = OptimizerSet(updaters)
     shuffle = torch.Generator().manual_seed(seed)
     generators = {"shuffle": shuffle, **algo.generators()}
-    precision = getattr(algo, "precision", None)
     update = UpdateSettings(cfg.epochs, cfg.minibatch_size // world, cfg.micro_batch_size, cfg.max_grad_norm,
-                            cfg.target_approx_kl, cpu_bf16=bool(precision is not None and precision.autocast
-                                                                and precision.device.type == "cpu"))
+                            cfg.target_approx_kl)
     local_rows = cfg.rollout_batch_size * cfg.samples_per_prompt // world
     trained = tuple(m for m in algo.trained_models() if m is not None)
     W, total = algo.warmup_iterations, algo.warmup_iterations + cfg.iterations

@@ -665,24 +665,6 @@ class UpdateSettings:
     micro_batch_size: int = 8
     max_grad_norm: float = 1.0  # for updaters that set none of their own
     target_approx_kl: Optional[float] = None  # stop the epoch loop when approx KL passes this
-    cpu_bf16: bool = False  # the loss runs its forwards under CPU bf16 autocast (`training_attention`)
-
-
-# Training forwards under CPU bf16 autocast over at most this many positions (prompt + response) run
-# scaled_dot_product_attention's math backend: on the 2-core CPU of docs/results.md its forward + backward took
-# 0.56x the flash kernel's time at 93 positions, 0.74x at 160, 0.89x at 192, 1.07x at 256 (batch 4-8, 9 heads of 64).
-MATH_ATTENTION_MAX_POSITIONS = 192
-
-
-def training_attention(positions: int, cpu_bf16: bool):
-    """The SDPA backends for one training forward: the math backend for a short CPU bf16 one (above), torch's
-    choice otherwise (fp32, a GPU, long sequences: the flash kernel). The backward follows the forward's choice.
-    Sampling never runs under it: for a one-token decode query the flash kernel is the faster."""
-    if cpu_bf16 and positions <= MATH_ATTENTION_MAX_POSITIONS:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
 
 
 @dataclass
@@ -765,10 +747,8 @@ def optimise(batch: RolloutBatch, loss_fn: LossFn, optimizer, params: Optional[l
                 mb = batch.index(idx)
                 # DDP averages gradients over processes: scale by world so the result is sum / n_tokens.
                 sync = j == len(micro) - 1
-                positions = mb.query_ids.shape[1] + mb.response_ids.shape[1]
                 with no_sync(accelerator, models, enabled=not sync):
-                    with training_attention(positions, settings.cpu_bf16):
-                        loss, stats = loss_fn(mb, n_tokens / world)
+                    loss, stats = loss_fn(mb, n_tokens / world)
                     if accelerator is not None:
                         accelerator.backward(loss)
                     else:

@@ -111,14 +111,72 @@ def _row_divergence(
     return torch.stack(rows)
 
 
+class _ReverseKLRows(torch.autograd.Function):
+    """KL(softmax(s) || softmax(t)) over the last axis of float32 / float64 (T, V) rows; gradient to `s` only.
+
+    The same forward as `_kl_rows` on the two log-softmaxes; the backward is the closed form
+    d KL / d s_j = p_j (d_j - KL), d_j = log p_j - log q_j (0 where p_j = 0), from the two (T, V) tensors the
+    forward keeps (p and d), where autograd's composition keeps more and runs a kernel per operation."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor) -> Tensor:
+        logp_s = F.log_softmax(s, dim=-1)
+        p = logp_s.exp()
+        d = torch.where(p > 0, logp_s - F.log_softmax(t, dim=-1), 0.0)
+        kl = (p * d).sum(-1)
+        ctx.save_for_backward(p, d, kl)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p, d, kl = ctx.saved_tensors
+        return (d - kl.unsqueeze(-1)).mul_(p).mul_(grad.unsqueeze(-1)), None
+
+
+class _ForwardKLRows(torch.autograd.Function):
+    """KL(softmax(t) || softmax(s)) over the last axis, gradient to `s` only: d KL / d s_j = p_j - q_j
+    (p = softmax(s), q = softmax(t)); the same forward as `_kl_rows(log q, log p)`."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor) -> Tensor:
+        logp_s = F.log_softmax(s, dim=-1)
+        logp_t = F.log_softmax(t, dim=-1)
+        q = logp_t.exp()
+        kl = (q * torch.where(q > 0, logp_t - logp_s, 0.0)).sum(-1)
+        ctx.save_for_backward(logp_s, q)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logp_s, q = ctx.saved_tensors
+        return (logp_s.exp() - q).mul_(grad.unsqueeze(-1)), None
+
+
+def _fused_row_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float, rows_fn,
+                          composed: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """`rows_fn` (an autograd Function of (scaled student row, scaled teacher row)) one batch row at a time; a
+    teacher side that requires grad (not the pipeline's: its teachers are frozen or detached) takes `composed`
+    through `_row_divergence`, so that it gets its gradient too."""
+    if teacher_logits.requires_grad:
+        return _row_divergence(student_logits, teacher_logits, temperature, composed)
+    _check_vocab(student_logits, teacher_logits)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape[0] == 0:
+        return student_logits.new_zeros(student_logits.shape[:-1], dtype=torch.float32)
+    return torch.stack([rows_fn.apply(_scaled_row(s_row, temperature), _scaled_row(t_row, temperature))
+                        for s_row, t_row in zip(student_logits, teacher_logits)])
+
+
 def reverse_kl_full(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(p_s || p_t) = sum_v p_s (log p_s - log p_t): mode seeking. (B, T, V) x2 -> (B, T) float32."""
-    return _row_divergence(student_logits, teacher_logits, temperature, _kl_rows)
+    return _fused_row_divergence(student_logits, teacher_logits, temperature, _ReverseKLRows, _kl_rows)
 
 
 def forward_kl_full(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(p_t || p_s) = sum_v p_t (log p_t - log p_s): mode covering. (B, T, V) x2 -> (B, T) float32."""
-    return _row_divergence(student_logits, teacher_logits, temperature, lambda s, t: _kl_rows(t, s))
+    return _fused_row_divergence(student_logits, teacher_logits, temperature, _ForwardKLRows,
+                                 lambda s, t: _kl_rows(t, s))
 
 
 def generalized_jsd_full(

@@ -174,3 +174,42 @@ def test_student_state_figures_equal_the_separate_functions():
         for i, name in enumerate(STATE_FIGURES):
             assert torch.equal(stacked[..., i], expected[name])
             assert torch.equal(student_state_figures(sd, td)[name], expected[name])
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "forward_kl"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_full_kl_matches_autograd_composition(name, temperature):
+    """reverse_kl_full / forward_kl_full run a closed-form backward (kl.py); values and gradients equal autograd's
+    through the plain composition (`_kl_rows` of the two log-softmaxes) in float64, with -inf (filtered) student
+    logits, and torch.autograd.gradcheck passes."""
+    from pipeline.rl.kl import _kl_rows
+
+    torch.manual_seed(0)
+    s = (torch.randn(3, 5, 30, dtype=torch.float64) * 3)
+    s[1, 2, :4] = float("-inf")
+    t = torch.randn(3, 5, 30, dtype=torch.float64) * 3
+    fused = {"reverse_kl": reverse_kl_full, "forward_kl": forward_kl_full}[name]
+    ours_in = s.clone().requires_grad_(True)
+    ours = fused(ours_in, t, temperature)
+    ref_in = s.clone().requires_grad_(True)
+    lp_s = torch.log_softmax(ref_in / temperature, -1)
+    lp_t = torch.log_softmax(t / temperature, -1)
+    ref = _kl_rows(lp_s, lp_t) if name == "reverse_kl" else _kl_rows(lp_t, lp_s)
+    finite = torch.isfinite(ref)
+    assert finite.sum() >= 14 and torch.equal(torch.isfinite(ours), finite)
+    torch.testing.assert_close(ours[finite], ref[finite], rtol=0, atol=1e-12)
+    w = torch.randn(3, 5, dtype=torch.float64)
+    (ours[finite] * w[finite]).sum().backward()
+    (ref[finite] * w[finite]).sum().backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=1e-10)
+    x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 3, 12, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a: fused(a, y, temperature), (x,))
+
+
+def test_full_kl_keeps_the_teachers_gradient_when_it_has_one():
+    """A teacher side with requires_grad (not the pipeline's use) takes autograd's composition: gradients to both."""
+    s = torch.randn(2, 3, 10, requires_grad=True)
+    t = torch.randn(2, 3, 10, requires_grad=True)
+    (reverse_kl_full(s, t).sum() + forward_kl_full(s, t).sum()).backward()
+    assert t.grad is not None and t.grad.abs().sum() > 0 and s.grad.abs().sum() > 0
