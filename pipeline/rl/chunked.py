@@ -208,7 +208,7 @@ def chunked_divergences(
     fn(student_logits, teacher_logits, temperature=temperature) on (1, n, V) logits -> (1, n), is applied to
     every chunk, so each chunk's logits are made once (and once more in backward) for all of them, e.g. the
     main divergence and `losses.topk_forward_kl`. Inputs as `chunked_divergence`. -> one (B, T) per fn (a fn
-    may return (1, n, k): then (B, T, k))."""
+    may return (1, n, k): then (B, T, k); a fn that returns a tuple gives one entry per element, in order)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     s_flat = _flat(student_hidden, "student_hidden")
@@ -229,10 +229,14 @@ def chunked_divergences(
     def chunk(s: int, e: int):
         zs = _logits(student_head, s_flat[s:e], vocab_size, "student_head").unsqueeze(0)
         zt = _no_dead_rows(teacher_logits(s, e)).unsqueeze(0)
-        return tuple(fn(zs, zt, temperature=temperature)[0] for fn in fns)
+        outs = []
+        for fn in fns:
+            out = fn(zs, zt, temperature=temperature)
+            outs.extend(o[0] for o in (out if isinstance(out, tuple) else (out,)))
+        return tuple(outs)
 
     outs = _run(chunk, s_flat.shape[0], chunk_size)
-    return [_cat([o[i] for o in outs], shape) for i in range(len(fns))]
+    return [_cat([o[i] for o in outs], shape) for i in range(len(outs[0]))]
 
 
 # ------------------------------------------------------------------------------------ models

@@ -133,6 +133,30 @@ class _ReverseKLRows(torch.autograd.Function):
         return (d - kl.unsqueeze(-1)).mul_(p).mul_(grad.unsqueeze(-1)), None
 
 
+class _ReverseKLRowsWithFigures(torch.autograd.Function):
+    """`_ReverseKLRows` at temperature 1 that also returns the (T, 3) `student_state_figures` of its rows, made
+    from the same log-softmaxes and probabilities; the figures carry no gradient (marked non-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor):
+        logp_s = F.log_softmax(s, dim=-1)
+        logp_t = F.log_softmax(t, dim=-1)
+        p, q = logp_s.exp(), logp_t.exp()
+        d = torch.where(p > 0, logp_s - logp_t, 0.0)
+        kl = (p * d).sum(-1)
+        forward = (q * torch.where(q > 0, logp_t - logp_s, 0.0)).sum(-1)
+        entropy = -(p * torch.where(p > 0, logp_s, 0.0)).sum(-1)
+        figures = torch.stack([kl, forward, entropy], -1)
+        ctx.save_for_backward(p, d, kl)
+        ctx.mark_non_differentiable(figures)
+        return kl, figures
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _figures_grad: Tensor):
+        p, d, kl = ctx.saved_tensors
+        return (d - kl.unsqueeze(-1)).mul_(p).mul_(grad.unsqueeze(-1)), None
+
+
 class _ForwardKLRows(torch.autograd.Function):
     """KL(softmax(t) || softmax(s)) over the last axis, gradient to `s` only: d KL / d s_j = p_j - q_j
     (p = softmax(s), q = softmax(t)); the same forward as `_kl_rows(log q, log p)`."""
@@ -263,6 +287,25 @@ class AdaptiveKLController:
 
 
 STATE_FIGURES = ("reverse_kl", "forward_kl", "entropy")
+
+
+def reverse_kl_with_figures(student_logits: Tensor, teacher_logits: Tensor,
+                            temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(reverse_kl_full (B, T), with its gradient; student_state_figures_stacked (B, T, 3), without one) from one
+    pass: each side's log-softmax made once for both. Temperature 1 only (the figures' temperature); a frozen
+    teacher side (no gradient)."""
+    if temperature != 1.0:
+        raise ValueError(f"reverse_kl_with_figures: the figures are at temperature 1, got {temperature}")
+    if teacher_logits.requires_grad:
+        raise ValueError("reverse_kl_with_figures: the teacher side must not require grad")
+    _check_vocab(student_logits, teacher_logits)
+    if student_logits.shape[0] == 0:
+        shape = student_logits.shape[:-1]
+        return (student_logits.new_zeros(shape, dtype=torch.float32),
+                student_logits.new_zeros((*shape, len(STATE_FIGURES)), dtype=torch.float32))
+    kls, figures = zip(*(_ReverseKLRowsWithFigures.apply(upcast(s_row), upcast(t_row))
+                         for s_row, t_row in zip(student_logits, teacher_logits)))
+    return torch.stack(kls), torch.stack(figures)
 
 
 def student_state_figures_stacked(s_logits: Tensor, t_logits: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ from ..rl import (
     logprobs_from_logits, masked_mean, policy_loss
 )
 from ..rl.chunked import chunked_divergences
-from ..rl.kl import STATE_FIGURES, student_state_figures_stacked
+from ..rl.kl import STATE_FIGURES, reverse_kl_with_figures, student_state_figures_stacked
 from ..rl.losses import topk_forward_kl
 from ..utils import MetricsLogger, atomic_write_json, log
 
@@ -89,17 +89,20 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
     def chunked_full_loss(mb: RolloutBatch, n_tokens: float):
         """The same loss from the student's hidden states, its logits made `logits_chunk_size` positions at a time
         (one pass over the chunks for the divergence and the top-k term)."""
-        fns = [divergence_fn(cfg.divergence, cfg.jsd_beta)] + ([topk] if topk is not None else [])
-        # The recorder's figures come from the same chunks of logits (no gradient), not a second output layer pass.
+        # The recorder's figures come from the same chunks of logits (no gradient), not a second output layer pass;
+        # for the reverse KL at temperature 1 (their own), from the divergence's own log-softmaxes.
         record = recorder is not None and recorder.wants(mb.rows)
+        shared = record and cfg.divergence == "reverse_kl" and cfg.temperature == 1.0
+        main = reverse_kl_with_figures if shared else divergence_fn(cfg.divergence, cfg.jsd_beta)
+        fns = [main] + ([topk] if topk is not None else []) + ([_state_figures] if record and not shared else [])
         with precision.autocast_ctx():
             hidden, head = response_hidden(models.student, mb)
-            per_token, *rest = chunked_divergences(hidden, head, mb.teacher_logits,
-                                                   fns + ([_state_figures] if record else []), None,
-                                                   cfg.temperature, cfg.logits_chunk_size, V)
-        term = rest[:len(fns) - 1]
+            out = chunked_divergences(hidden, head, mb.teacher_logits, fns, None, cfg.temperature,
+                                      cfg.logits_chunk_size, V)
+        per_token, figures = (out[0], out[1]) if shared else (out[0], out[-1] if record else None)
+        term = [out[2 if shared else 1]] if topk is not None else []
         if record:
-            recorder.record_figures(mb.rows, dict(zip(STATE_FIGURES, rest[-1].unbind(-1))))
+            recorder.record_figures(mb.rows, dict(zip(STATE_FIGURES, figures.unbind(-1))))
         loss = masked_sum(per_token, mb.response_mask.bool()) / n_tokens
         return with_topk(loss, per_token, term[0] if term else None, mb, n_tokens)
 

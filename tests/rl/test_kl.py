@@ -213,3 +213,23 @@ def test_full_kl_keeps_the_teachers_gradient_when_it_has_one():
     t = torch.randn(2, 3, 10, requires_grad=True)
     (reverse_kl_full(s, t).sum() + forward_kl_full(s, t).sum()).backward()
     assert t.grad is not None and t.grad.abs().sum() > 0 and s.grad.abs().sum() > 0
+
+
+def test_reverse_kl_with_figures_equals_the_separate_functions():
+    from pipeline.rl.kl import reverse_kl_with_figures, student_state_figures_stacked
+
+    torch.manual_seed(1)
+    s = torch.randn(2, 4, 25, dtype=torch.float64) * 3
+    s[0, 0, :5] = float("-inf")
+    t = torch.randn(2, 4, 25, dtype=torch.float64) * 3
+    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    kl, figures = reverse_kl_with_figures(a, t)
+    assert not figures.requires_grad
+    torch.testing.assert_close(kl, reverse_kl_full(b, t), rtol=0, atol=1e-12)
+    torch.testing.assert_close(figures, student_state_figures_stacked(s, t), rtol=0, atol=1e-12)
+    w = torch.randn(2, 4, dtype=torch.float64)
+    (kl * w).sum().backward()
+    (reverse_kl_full(b, t) * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="temperature 1"):
+        reverse_kl_with_figures(a, t, temperature=0.5)

@@ -366,13 +366,17 @@ def test_minibatch_split_into_micro_batches_gives_the_same_update():
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_kl_stats_from_the_update_forward_equal_the_label_pass(beta):
+@pytest.mark.parametrize("beta, chunk, divergence", [(0.0, 0, "reverse_kl"), (0.5, 0, "reverse_kl"),
+                                                      (0.5, 7, "reverse_kl"), (0.5, 1000, "reverse_kl"),
+                                                      (0.5, 7, "forward_kl")])
+def test_kl_stats_from_the_update_forward_equal_the_label_pass(beta, chunk, divergence):
     """Full estimator: the student's KLs / entropy recorded by the loss at its training forward (no separate
-    no-grad student pass) equal those of the label pass when the epoch is one minibatch (no step before)."""
+    no-grad student pass) equal those of the label pass when the epoch is one minibatch (no step before):
+    from the logits (chunk 0), from the reverse KL's own chunks (`reverse_kl_with_figures`) or next to another
+    divergence's."""
     torch.manual_seed(0)
     models = tiny_pair()
-    cfg = cfg_for(beta=beta, micro_batch_size=3)
+    cfg = cfg_for(beta=beta, micro_batch_size=3, logits_chunk_size=chunk, divergence=divergence)
     with_pass, info = make_rollout(models, PROMPTS[:8], cfg, beta, PREC, Throughput(),
                                    torch.Generator().manual_seed(3))
     torch.manual_seed(0)  # the same samples again, without the student pass
