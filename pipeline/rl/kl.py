@@ -129,8 +129,12 @@ class _ReverseKLRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        p, d, kl = ctx.saved_tensors
-        return (d - kl.unsqueeze(-1)).mul_(p).mul_(grad.unsqueeze(-1)), None
+        return _reverse_kl_grad(ctx, grad), None
+
+
+def _reverse_kl_grad(ctx, grad: Tensor) -> Tensor:
+    p, d, kl = ctx.saved_tensors
+    return (d - kl.unsqueeze(-1)).mul_(p).mul_(grad.unsqueeze(-1))
 
 
 class _ReverseKLRowsWithFigures(torch.autograd.Function):
@@ -139,22 +143,26 @@ class _ReverseKLRowsWithFigures(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s: Tensor, t: Tensor):
-        logp_s = F.log_softmax(s, dim=-1)
-        logp_t = F.log_softmax(t, dim=-1)
-        p, q = logp_s.exp(), logp_t.exp()
-        d = torch.where(p > 0, logp_s - logp_t, 0.0)
-        kl = (p * d).sum(-1)
-        forward = (q * torch.where(q > 0, logp_t - logp_s, 0.0)).sum(-1)
-        entropy = -(p * torch.where(p > 0, logp_s, 0.0)).sum(-1)
-        figures = torch.stack([kl, forward, entropy], -1)
+        p, d, figures = _figure_rows(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1))
+        kl = figures[..., 0].clone()
         ctx.save_for_backward(p, d, kl)
         ctx.mark_non_differentiable(figures)
         return kl, figures
 
     @staticmethod
     def backward(ctx, grad: Tensor, _figures_grad: Tensor):
-        p, d, kl = ctx.saved_tensors
-        return (d - kl.unsqueeze(-1)).mul_(p).mul_(grad.unsqueeze(-1)), None
+        return _reverse_kl_grad(ctx, grad), None
+
+
+def _figure_rows(logp_s: Tensor, logp_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(p_s, d = log p_s - log p_t (0 where p_s = 0), the (T, 3) figures in STATE_FIGURES' order) of (T, V) rows:
+    the same operations as `_kl_rows` both ways and `entropy_from_logits`."""
+    p, q = logp_s.exp(), logp_t.exp()
+    d = torch.where(p > 0, logp_s - logp_t, 0.0)
+    reverse = (p * d).sum(-1)
+    forward = (q * torch.where(q > 0, logp_t - logp_s, 0.0)).sum(-1)
+    entropy = -(p * torch.where(p > 0, logp_s, 0.0)).sum(-1)
+    return p, d, torch.stack([reverse, forward, entropy], -1)
 
 
 class _ForwardKLRows(torch.autograd.Function):
@@ -315,16 +323,8 @@ def student_state_figures_stacked(s_logits: Tensor, t_logits: Tensor) -> Tensor:
     _check_vocab(s_logits, t_logits)
     if s_logits.shape[0] == 0:
         return s_logits.new_zeros((*s_logits.shape[:-1], len(STATE_FIGURES)), dtype=torch.float32)
-    rows = []
-    for s_row, t_row in zip(s_logits, t_logits):
-        logp_s = F.log_softmax(upcast(s_row), dim=-1)
-        logp_t = F.log_softmax(upcast(t_row), dim=-1)
-        p_s, p_t = logp_s.exp(), logp_t.exp()
-        reverse = (p_s * torch.where(p_s > 0, logp_s - logp_t, 0.0)).sum(-1)
-        forward = (p_t * torch.where(p_t > 0, logp_t - logp_s, 0.0)).sum(-1)
-        entropy = -(p_s * torch.where(p_s > 0, logp_s, 0.0)).sum(-1)
-        rows.append(torch.stack([reverse, forward, entropy], -1))
-    return torch.stack(rows)
+    return torch.stack([_figure_rows(F.log_softmax(upcast(s_row), dim=-1), F.log_softmax(upcast(t_row), dim=-1))[2]
+                        for s_row, t_row in zip(s_logits, t_logits)])
 
 
 def student_state_figures(s_logits: Tensor, t_logits: Tensor) -> dict[str, Tensor]:
