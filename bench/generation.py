@@ -16,8 +16,10 @@ no top-k / top-p: `top_k=0` because transformers' own default is top-k 50), KV c
 `pipeline.models.cpu_has_native_bf16`), else fp32; `both` (default) prints one table each. In `best` ours
 also records each sampled token's log-prob (`sample_responses(..., with_logprobs=True)`, where this
 version has it), as a PPO iteration with `logprobs_from: sampler` does; plain `generate` records nothing,
-so that is extra work on ours' side only; and ours samples with the weights prepacked for oneDNN
-(`onpolicy.packed_cpu_linears`, as every rollout under CPU bf16 autocast does). A static KV cache with
+so that is extra work on ours' side only. On a CPU ours decodes a Llama-architecture model through
+`pipeline/decode.py` (fused products, weights prepacked for oneDNN under bf16 autocast, a preallocated KV cache,
+no per-step `generate` work), as every rollout does; `--no-cpu-decoder` runs ours through `generate` with the
+prepacked weights instead (`onpolicy.packed_cpu_linears`), the path before the decoder. A static KV cache with
 torch.compile is not a side here: on this CPU it was no faster than the dynamic cache (docs/results.md)
 (logits chunking is a training-forward option, not a sampling one). Tokens counted for both =
 response tokens through the first EOS (the PPO response mask). Each configuration is warmed up once per
@@ -113,12 +115,17 @@ def sampler_logprobs_kwargs(setting: str) -> dict:
     return {}
 
 
+CPU_DECODER = [True]  # --no-cpu-decoder: ours through generate
+
+
 def run_ours(model, tok, rows: list, max_new_tokens: int, precision, **kw) -> tuple[float, float, int, int]:
     """-> (seconds, CPU seconds, response tokens through the first EOS, decode steps run)."""
     t, c = time.perf_counter(), time.process_time()
     q, qm = encode_prompts(tok, rows, precision.device)
-    _, mask, *_ = sample_responses(model, tok, q, qm, SamplingSettings(max_new_tokens, temperature=1.0),
-                                   precision.autocast_ctx(), **kw)
+    settings = SamplingSettings(max_new_tokens, temperature=1.0)
+    if not CPU_DECODER[0] and hasattr(settings, "cpu_decoder"):
+        settings.cpu_decoder = False
+    _, mask, *_ = sample_responses(model, tok, q, qm, settings, precision.autocast_ctx(), **kw)
     return time.perf_counter() - t, time.process_time() - c, int(mask.sum()), mask.shape[1]
 
 
@@ -184,7 +191,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads (default torch's); 1 makes the CPU seconds a "
                     "steadier measure of work on a busy machine (no threads spinning while another waits)")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--no-cpu-decoder", action="store_true",
+                    help="ours samples through transformers' generate (prepacked weights), not pipeline/decode.py")
     args = ap.parse_args()
+    CPU_DECODER[0] = not args.no_cpu_decoder
     if args.threads:
         torch.set_num_threads(args.threads)
 

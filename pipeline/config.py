@@ -67,6 +67,9 @@ class ModelConfig:
     # rewards or eval answers, the distillation teacher). auto: bfloat16 when forwards run under bf16 autocast or
     # the parameters are bf16 already, else the parameter dtype. Trainable models keep `dtype`.
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # On a CPU, Llama-architecture models decode (rollouts, eval, IFEval) through pipeline/decode.py: the same
+    # forward without generate's per-step work. false: transformers' generate everywhere.
+    cpu_decoder: bool = True
     trust_remote_code: bool = False
     revision: Optional[str] = None
     # The hub id of this model when `name_or_path` is a local directory or a .gguf file: adapters and model

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import prompt_token_ids
+from .decode import generate_ids
 
 
 @dataclass
@@ -77,12 +78,15 @@ def generate(
     else:
         gen_kwargs.update(temperature=None, top_k=None, top_p=None)
     if repetition_penalty != 1.0:
-        gen_kwargs["repetition_penalty"] = repetition_penalty
+        gen_kwargs["repetition_penalty"] = repetition_penalty  # (the sampled path; greedy passes it below)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         input_ids, attn = left_pad([encoded[i] for i in idx], pad, device)
         with (autocast or nullcontext()):
-            out = model.generate(input_ids=input_ids, attention_mask=attn, **gen_kwargs)
+            if do_sample:
+                out = model.generate(input_ids=input_ids, attention_mask=attn, **gen_kwargs)
+            else:  # greedy: the lean CPU decoder where it applies (pipeline/decode.py), else generate
+                out = generate_ids(model, input_ids, attn, max_new_tokens, eos, pad, repetition_penalty)
         for row, i in enumerate(idx):
             toks, done = truncate_at_eos(out[row, input_ids.shape[1]:].tolist(), eos, pad)
             ids_out[i], ended[i] = toks, done

@@ -363,6 +363,7 @@ class _PipelineLMMethods:
 
         import torch
 
+        from .decode import generate_ids
         from .generation import left_pad
         from .utils import log
 
@@ -384,8 +385,6 @@ class _PipelineLMMethods:
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         every = max(1, -(-len(batches) // 10))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        gen_kwargs = dict(max_new_tokens=max_gen_toks, eos_token_id=self.eos_ids, pad_token_id=pad,
-                          do_sample=False, temperature=None, top_k=None, top_p=None, use_cache=True)
         eos = set(self.eos_ids)
         texts: list[str] = [""] * len(enc)
         was_training = self.model.training
@@ -397,7 +396,7 @@ class _PipelineLMMethods:
             input_ids, attn = left_pad([enc[i] for i in idx], pad, self._device)
             autocast = self.precision.autocast_ctx() if self.precision is not None else contextlib.nullcontext()
             with torch.no_grad(), autocast:
-                gen = self.model.generate(input_ids=input_ids, attention_mask=attn, **gen_kwargs)
+                gen = generate_ids(self.model, input_ids, attn, max_gen_toks, self.eos_ids, pad)
             for row, i in enumerate(idx):
                 toks = gen[row, input_ids.shape[1]:].tolist()
                 end = next((k for k, t in enumerate(toks) if t in eos), None)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .distributed import global_sum, no_sync
+from .decode import llama_decoder
 from .generation import left_pad
 from .rl import entropy_from_logits, logprobs_from_logits
 from .rl.chunked import contiguous_head_input
@@ -99,6 +100,9 @@ class SamplingSettings:
     # Under bf16 autocast on a CPU with oneDNN bf16: sample with each Linear's weight prepacked in bf16
     # (`packed_cpu_linears`). Off: autocast's own casts, step by step.
     pack_cpu_weights: bool = True
+    # On a CPU, a Llama-architecture model samples through `pipeline.decode` (the same forward without
+    # generate's per-step work; weights packed as above under bf16 autocast). Off: transformers' generate.
+    cpu_decoder: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,8 +245,14 @@ def sample_responses(model, tokenizer, query_ids: Tensor, query_mask: Tensor, se
         processors.append(race)
     if processors:
         kw.update(logits_processor=LogitsProcessorList(processors))
-    with (autocast or contextlib.nullcontext()), packed_cpu_linears(gen_model, settings.pack_cpu_weights):
-        out = gen_model.generate(input_ids=query_ids, attention_mask=query_mask, **kw)
+    with (autocast or contextlib.nullcontext()):
+        decoder = llama_decoder(gen_model, settings.cpu_decoder and settings.pack_cpu_weights)
+        if decoder is not None:
+            out = decoder.generate(query_ids, query_mask, settings.max_new_tokens, tokenizer.eos_token_id,
+                                   tokenizer.pad_token_id, kw.get("logits_processor"))
+        else:
+            with packed_cpu_linears(gen_model, settings.pack_cpu_weights):
+                out = gen_model.generate(input_ids=query_ids, attention_mask=query_mask, **kw)
     if was_training:
         gen_model.train()
     if race is not None:

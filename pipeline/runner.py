@@ -363,6 +363,9 @@ def _run_stages(recipe: Recipe, stages: list[str] | None = None, force: bool = F
 
             setattr(recipe, stage, parse_section(SECTION_TYPES[stage], {}, stage, recipe.source or "<recipe>"))
         set_seed(recipe.run.seed)
+        from .decode import set_cpu_decoder
+
+        set_cpu_decoder(recipe.model.cpu_decoder)
         stage_dir = recipe.stage_dir(stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         log(f"=== stage {stage} -> {stage_dir}")
