@@ -325,6 +325,8 @@ def run_side(side: str, args, tmp: Path, setting: str) -> dict:
            "--lr", str(args.lr), "--keep-layers", args.keep_layers, "--prompts", args.prompts, "--seed", str(args.seed)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.no_cpu_decoder:
+        cmd += ["--no-cpu-decoder"]
     print(f"{side} ({setting}): running {args.steps} steps ...", flush=True)
     t = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -375,6 +377,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads in every process (default torch's); 1 makes the "
                     "CPU seconds a steadier measure of work on a busy machine")
     ap.add_argument("--json", help="also write every figure to this file")
+    ap.add_argument("--no-cpu-decoder", action="store_true",
+                    help="ours samples through transformers' generate, not pipeline/decode.py (model.cpu_decoder false)")
     add_settings_arg(ap)
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # internal: one side, in a subprocess
     ap.add_argument("--setting", default="equal", choices=["equal", "best"], help=argparse.SUPPRESS)
@@ -384,6 +388,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.side:
+        if args.no_cpu_decoder:
+            from pipeline.decode import set_cpu_decoder
+
+            set_cpu_decoder(False)
         out = Path(args.side_out)
         fig = side_ours(args, out) if args.side == "ours" else side_trl(args, out)
         (out / "figures.json").write_text(json.dumps(fig, indent=2))

@@ -197,3 +197,24 @@ def test_the_race_through_the_decoder_samples_each_row_from_its_softmax():
     freq = torch.bincount(out[:, -1], minlength=p.numel()).double() / n
     se = (p * (1 - p) / n).sqrt()
     assert ((freq - p).abs() <= 4 * se + 1e-3).all()
+
+
+def test_tune_malloc_respects_the_environment(monkeypatch):
+    """glibc's thresholds are set unless the user set either through the environment (then it is a no-op)."""
+    import sys
+
+    from pipeline.utils import tune_malloc
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert tune_malloc() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert tune_malloc(0) is False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):
+            pytest.skip("no glibc mallopt here")
+        assert tune_malloc() is True
