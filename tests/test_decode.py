@@ -218,3 +218,22 @@ def test_tune_malloc_respects_the_environment(monkeypatch):
         except (OSError, AttributeError):
             pytest.skip("no glibc mallopt here")
         assert tune_malloc() is True
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_eval_generation_is_the_same_with_and_without_the_decoder(penalty):
+    """`generation.generate` (the eval stage's greedy answers, with the optional repetition penalty) gives the same
+    answers through the decoder as through transformers' generate (`model.cpu_decoder: false`)."""
+    from pipeline.decode import set_cpu_decoder
+    from pipeline.generation import generate
+
+    tok = build_tiny_tokenizer()
+    model = _model(tok)
+    prompts = [p["prompt"] for p in PROMPTS]
+    try:
+        set_cpu_decoder(False)
+        ref = generate(model, tok, prompts, max_new_tokens=10, batch_size=3, repetition_penalty=penalty)
+    finally:
+        set_cpu_decoder(True)
+    got = generate(model, tok, prompts, max_new_tokens=10, batch_size=3, repetition_penalty=penalty)
+    assert got.response_ids == ref.response_ids and got.ended == ref.ended
