@@ -317,9 +317,6 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     when the run directory was refused."""
     from .checkpoint import Interrupted
     from .config import RecipeError
-    from .utils import tune_malloc
-
-    tune_malloc()  # every stage's large tensors from the heap (utils.tune_malloc)
     try:
         summaries = _run_stages(recipe, stages, force, rerun)
     except Exception as e:

@@ -186,7 +186,8 @@ def tune_malloc(threshold: Optional[int] = None) -> bool:
     so each step's large tensors (a logits chunk, an activation, a packed weight) come back as fresh pages that
     the kernel zero-fills on first touch. Measured on the distillation bench (docs/results.md, session 15): a step
     took 10-15% less wall time with the two thresholds at 256 MiB. Freed memory stays in the heap for the next
-    step, so peak RSS can rise by fragmentation (measured there). `threshold` None: the environment's
+    step, so peak RSS can rise by fragmentation (measured there: 100-270 MB in PPO; 0.95 GB in the quickstart's
+    SFT stage, whose batches change shape every step, so only the RL loop calls this). `threshold` None: the environment's
     PIPELINE_MALLOC_THRESHOLD_MB (0 turns this off), else 256 MiB. No-op where the user set either glibc
     threshold through the environment (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), off Linux, or on
     another libc. True when applied."""
