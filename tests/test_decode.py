@@ -237,3 +237,23 @@ def test_eval_generation_is_the_same_with_and_without_the_decoder(penalty):
         set_cpu_decoder(True)
     got = generate(model, tok, prompts, max_new_tokens=10, batch_size=3, repetition_penalty=penalty)
     assert got.response_ids == ref.response_ids and got.ended == ref.ended
+
+
+def test_attention_and_mlp_biases_are_kept():
+    """A Llama with q/k/v/o and MLP biases (`attention_bias`, `mlp_bias`): the same greedy tokens as generate."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      attention_bias=True, mlp_bias=True, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+    q, qm = encode_prompts(tok, PROMPTS, "cpu")
+    ref = _hf_greedy(model, tok, q, qm, 10)
+    assert torch.equal(llama_decoder(model).generate(q, qm, 10, tok.eos_token_id, tok.pad_token_id), ref)
