@@ -136,7 +136,7 @@ def train(algo: OnPolicyAlgorithm, stage_dir: Path, seed: int = 0, accelerator=N
     `stage_dir/metrics.jsonl`, averaged over processes)."""
     cfg, name = algo.cfg, algo.name
     check_loop_config(cfg, name)
-    tune_malloc()  # large per-step tensors from the heap, not fresh mmap pages (utils.tune_malloc)
+    tune_malloc()  # opt-in (PIPELINE_MALLOC_THRESHOLD_MB): large per-step tensors from the heap (utils.tune_malloc)
     stage_dir = Path(stage_dir)
     engine = rollout_engine(cfg.rollout_engine, _device(algo), f"{name}.rollout_engine")
     if cfg.logprobs_from == "sampler" and not engine_returns_logprobs(engine):  # e.g. `auto` resolved to vLLM

@@ -176,20 +176,20 @@ def release_memory() -> bool:
         return False
 
 
-MALLOC_THRESHOLD = 256 << 20  # bytes; see tune_malloc
+MALLOC_THRESHOLD = 0  # bytes; off by default (see tune_malloc)
 
 
 def tune_malloc(threshold: Optional[int] = None) -> bool:
-    """On glibc: serve blocks up to `threshold` from the heap and keep up to `threshold` of free heap top
-    (`mallopt(M_MMAP_THRESHOLD)`, `mallopt(M_TRIM_THRESHOLD)`). glibc's defaults hand every block above a
-    threshold that starts at 128 KiB (and adapts up to 32 MiB) to `mmap`, and trim the heap top beyond 128 KiB,
-    so each step's large tensors (a logits chunk, an activation, a packed weight) come back as fresh pages that
-    the kernel zero-fills on first touch. Measured on the distillation bench (docs/results.md, session 15): a step
-    took 10-15% less wall time with the two thresholds at 256 MiB. Freed memory stays in the heap for the next
-    step, so peak RSS can rise by fragmentation (measured there: 100-270 MB in PPO; 0.95 GB in the quickstart's
-    SFT stage, whose batches change shape every step, so only the RL loop calls this). `threshold` None: the environment's
-    PIPELINE_MALLOC_THRESHOLD_MB (0 turns this off), else 256 MiB. No-op where the user set either glibc
-    threshold through the environment (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), off Linux, or on
+    """Opt-in speed for the RL loop, paid in memory. On glibc: serve blocks up to `threshold` from the heap and
+    keep up to `threshold` of free heap top (`mallopt(M_MMAP_THRESHOLD)`, `mallopt(M_TRIM_THRESHOLD)`). glibc's
+    defaults hand every block above a threshold that starts at 128 KiB (and adapts up to 32 MiB) to `mmap` and
+    trim the heap top beyond 128 KiB, so each step's large tensors (a logits chunk, an activation, a packed
+    weight) come back as fresh pages the kernel zero-fills on first touch. Measured at 256 MiB (docs/results.md,
+    session 15): the distillation bench's step 10-15% faster, PPO 11-16% less CPU time at 100-270 MB more peak
+    RSS, the quickstart's distillation stage 31% faster at 1.0 GB more peak RSS (freed blocks of changing sizes
+    fragment the heap). Memory comes first by default: `threshold` None reads the environment's
+    PIPELINE_MALLOC_THRESHOLD_MB (e.g. 256; unset or 0: off). No-op where the user set either glibc threshold
+    through the environment (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_: glibc's own), off Linux, or on
     another libc. True when applied."""
     if threshold is None:
         mb = os.environ.get("PIPELINE_MALLOC_THRESHOLD_MB", "").strip()

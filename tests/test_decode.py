@@ -199,17 +199,22 @@ def test_the_race_through_the_decoder_samples_each_row_from_its_softmax():
     assert ((freq - p).abs() <= 4 * se + 1e-3).all()
 
 
-def test_tune_malloc_respects_the_environment(monkeypatch):
-    """glibc's thresholds are set unless the user set either through the environment (then it is a no-op)."""
+def test_tune_malloc_is_opt_in_and_respects_glibcs_variables(monkeypatch):
+    """Off by default; on with PIPELINE_MALLOC_THRESHOLD_MB; a no-op where glibc's own variable is set."""
     import sys
 
     from pipeline.utils import tune_malloc
 
+    monkeypatch.delenv("PIPELINE_MALLOC_THRESHOLD_MB", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert tune_malloc() is False
+    monkeypatch.setenv("PIPELINE_MALLOC_THRESHOLD_MB", "0")
+    assert tune_malloc() is False
+    monkeypatch.setenv("PIPELINE_MALLOC_THRESHOLD_MB", "256")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert tune_malloc() is False
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    assert tune_malloc(0) is False
     if sys.platform.startswith("linux"):
         import ctypes
 
