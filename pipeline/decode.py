@@ -54,8 +54,9 @@ _GENCFG_DEFAULTS = {
 
 
 def _base_causal_lm(model):
-    while hasattr(model, "module"):  # DDP / accelerate wrappers
-        model = model.module
+    from .onpolicy import unwrap_for_generation
+
+    model = unwrap_for_generation(model)  # DDP / accelerate wrappers
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
     return model
@@ -130,7 +131,6 @@ class LlamaDecoder:
         self.n_heads, self.n_kv = lm.config.num_attention_heads, lm.config.num_key_value_heads
         self.head_dim, self.scaling = a0.head_dim, a0.scaling
         self.inter = lm.config.intermediate_size
-        self.param_dtype = self.embed.dtype
 
     # -- pieces ---------------------------------------------------------------------------------------
     def _linear(self, wb: tuple, x: Tensor) -> Tensor:
@@ -159,7 +159,7 @@ class LlamaDecoder:
         G, L = H // KV, start + Tq
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, Tq, D)
         half = D // 2
-        h = self.embed[ids].float() if self.param_dtype != torch.float32 else self.embed[ids]
+        h = self.embed[ids].float()  # (a no-op for fp32 weights)
         bias = bias[:, :, None].expand(B, 1, G, Tq, L).expand(B, KV, G, Tq, L).reshape(B * KV, G * Tq, L)
         for i, p in enumerate(self.layers):
             x = self._rms(h, p["norm1"])
@@ -195,7 +195,7 @@ class LlamaDecoder:
         B, P = input_ids.shape
         dev = input_ids.device
         total = P + max(max_new_tokens, 0)
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        KV, D = self.n_kv, self.head_dim
         self.k_t = [torch.empty(B, KV, D, total, device=dev) for _ in self.layers]
         self.v = [torch.empty(B, KV, total, D, device=dev) for _ in self.layers]
         mask = attention_mask.bool()
@@ -204,10 +204,8 @@ class LlamaDecoder:
         self.cos, self.sin = self._rope_tables(int(positions.max()) + max_new_tokens + 1)
         # Key j is visible to query slot i when j <= i and j is a real token; a slot always sees itself, so a
         # padding slot's row stays finite (its output is never read).
-        keys_ok = torch.zeros(B, total, dtype=torch.bool, device=dev)
-        keys_ok[:, :P] = mask
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        visible = (causal[None] & keys_ok[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
+        visible = (causal[None] & mask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev)[None]
         bias = torch.zeros(B, 1, P, P, device=dev).masked_fill_(~visible[:, None], float("-inf"))
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=dev)
         ids = input_ids

@@ -72,13 +72,11 @@ def generate(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     texts, ids_out, ended = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, do_sample=do_sample)
-    if do_sample:
-        gen_kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
-    else:
-        gen_kwargs.update(temperature=None, top_k=None, top_p=None)
+    # Sampling goes through transformers' generate; greedy through `decode.generate_ids` (below).
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, do_sample=True,
+                      temperature=temperature, top_k=top_k or None, top_p=top_p)
     if repetition_penalty != 1.0:
-        gen_kwargs["repetition_penalty"] = repetition_penalty  # (the sampled path; greedy passes it below)
+        gen_kwargs["repetition_penalty"] = repetition_penalty
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         input_ids, attn = left_pad([encoded[i] for i in idx], pad, device)

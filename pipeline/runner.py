@@ -317,6 +317,7 @@ def run_recipe(recipe: Recipe, stages: list[str] | None = None, force: bool = Fa
     when the run directory was refused."""
     from .checkpoint import Interrupted
     from .config import RecipeError
+
     try:
         summaries = _run_stages(recipe, stages, force, rerun)
     except Exception as e:

@@ -165,18 +165,25 @@ def release_memory() -> bool:
             torch.cuda.empty_cache()
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
+    libc.malloc_trim(0)  # returns 1 when it released memory, 0 when none was free
+    return True
+
+
+def _glibc():
+    """glibc through ctypes on Linux, else None (another OS, or musl / a libc without malloc_trim and mallopt)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # returns 1 when it released memory, 0 when none was free
-        return True
-    except (OSError, AttributeError):  # musl or another libc without malloc_trim
-        return False
-
-
-MALLOC_THRESHOLD = 0  # bytes; off by default (see tune_malloc)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018  (AttributeError where missing)
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def tune_malloc(threshold: Optional[int] = None) -> bool:
@@ -193,20 +200,14 @@ def tune_malloc(threshold: Optional[int] = None) -> bool:
     another libc. True when applied."""
     if threshold is None:
         mb = os.environ.get("PIPELINE_MALLOC_THRESHOLD_MB", "").strip()
-        threshold = int(float(mb) * (1 << 20)) if mb else MALLOC_THRESHOLD
-    if not sys.platform.startswith("linux") or threshold <= 0:
+        threshold = int(float(mb) * (1 << 20)) if mb else 0
+    if threshold <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return False
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, int(threshold))) and bool(libc.mallopt(m_trim_threshold,
-                                                                                           int(threshold)))
-    except (OSError, AttributeError):  # musl or another libc without mallopt
-        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
 
 
 def set_seed(seed: int) -> None:
