@@ -373,6 +373,10 @@ class DistillConfig(OnPolicyConfig):
     # mass (`rl.losses.topk_forward_kl`) to the divergence; full estimator only. 0: off.
     topk_forward_kl_coef: float = 0.0
     topk_forward_kl_k: int = 32  # k of that term: the teacher's most likely tokens at each state
+    # Each state's loss (divergence and top-k term) weighs 1 + (eos_weight - 1) * p_teacher(EOS | state), so the
+    # few states where the teacher would stop are not drowned by the rest (`rl.eos_state_weights`); full estimator
+    # only, not the cross-entropy warm-up. 1: off.
+    eos_weight: float = 1.0
     # Optional warm-up before the mixture iterations: `warmup_iterations` batches of fixed demonstrations
     # (prompt + completion rows, e.g. the SFT data) whose states the teacher labels; no sampling, so a
     # batch costs a fraction of a sampled one (GKD's supervised part). Divergence: `warmup_divergence`,

@@ -39,6 +39,7 @@ from pipeline.rl.losses import (
     distill_loss,
     divergence_fn,
     entropy_bonus,
+    eos_state_weights,
     explained_variance,
     kl_loss,
     policy_loss,

@@ -184,6 +184,27 @@ def topk_forward_kl(student_logits: Tensor, teacher_logits: Tensor, k: int, temp
                            lambda s, t: _topk_forward_kl_rows(s, t, k))
 
 
+def eos_state_weights(teacher_logits: Tensor, eos_id: int, weight: float, temperature: float = 1.0) -> Tensor:
+    """Per-state loss weights that stress where the teacher would stop: (B, T, V) -> (B, T) float32,
+    w = 1 + (weight - 1) * p_teacher(EOS | state) at `temperature`. weight = 1: all ones (no reweighting).
+
+    A token-mean divergence gives the few states where an answer should end a tiny share of the loss, so a
+    cut student can match its teacher's words and still not learn to stop (its answers run to the length cap).
+    Softer than up-weighting only the states where the teacher samples EOS: every state counts by how much the
+    teacher wants to stop there. Computed one row at a time (no (B, T, V) float32 copy); no gradient."""
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
+    b, t = teacher_logits.shape[:2]
+    if weight == 1.0:
+        return torch.ones(b, t, dtype=torch.float32, device=teacher_logits.device)
+    rows = []
+    with torch.no_grad():
+        for row in teacher_logits.detach():
+            z = row.float() / temperature
+            rows.append((z[:, eos_id] - z.logsumexp(-1)).exp())
+    return 1.0 + (weight - 1.0) * torch.stack(rows)
+
+
 def sampled_rewards(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
     """r_t = -(log pi_s(a_t) - log pi_t(a_t)): minus the k1 reverse-KL estimate at the sampled token (B, T).
     Zero on uncounted tokens."""

@@ -40,7 +40,7 @@ from ..preflight import check_distill_config as check_config
 from ..rlmodels import DistillModels
 from ..rlmodels import build_distill_models as build_models
 from ..rl import (
-    distill_loss, divergence_fn, masked_sum, mixture_beta, mixture_coins, sampled_rewards, student_state_figures,
+    distill_loss, divergence_fn, eos_state_weights, masked_sum, mixture_beta, mixture_coins, sampled_rewards, student_state_figures,
     logprobs_from_logits, masked_mean, policy_loss
 )
 from ..rl.chunked import chunked_divergences
@@ -65,12 +65,26 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
     # The top-k forward KL (`topk_forward_kl_coef` > 0) is added to the divergence at every state: coef * its sum
     # over counted tokens / n_tokens; logged as `topk_forward_kl` (its per-token mean, before the coefficient).
     topk = functools.partial(topk_forward_kl, k=cfg.topk_forward_kl_k) if cfg.topk_forward_kl_coef > 0 else None
+    # `eos_weight` != 1: each state's terms weigh 1 + (eos_weight - 1) * p_teacher(EOS) (`rl.eos_state_weights`).
+    eos_id = models.tokenizer.eos_token_id
 
-    def with_topk(loss: Tensor, per_token: Tensor, term: Optional[Tensor], mb: RolloutBatch, n_tokens: float):
+    def state_weights(mb: RolloutBatch) -> Optional[Tensor]:
+        if cfg.eos_weight == 1.0:
+            return None
+        return eos_state_weights(mb.teacher_logits[..., :V], eos_id, cfg.eos_weight, cfg.temperature)
+
+    def weighted_sum(x: Tensor, w: Optional[Tensor], mb: RolloutBatch) -> Tensor:
+        return masked_sum(x if w is None else x * w.to(x.dtype), mb.response_mask.bool())
+
+    def with_topk(per_token: Tensor, term: Optional[Tensor], mb: RolloutBatch, n_tokens: float):
+        w = state_weights(mb)
+        loss = weighted_sum(per_token, w, mb) / n_tokens
         stats = {"divergence": masked_mean(per_token.detach(), mb.response_mask)}
         if term is not None:
-            loss = loss + cfg.topk_forward_kl_coef * masked_sum(term, mb.response_mask.bool()) / n_tokens
+            loss = loss + cfg.topk_forward_kl_coef * weighted_sum(term, w, mb) / n_tokens
             stats["topk_forward_kl"] = masked_mean(term.detach(), mb.response_mask)
+        if w is not None:
+            stats["eos_state_weight"] = masked_mean(w, mb.response_mask)
         return loss, stats
 
     def full_loss(mb: RolloutBatch, n_tokens: float):
@@ -79,12 +93,12 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
         with precision.autocast_ctx():
             logits = response_logits(models.student, mb)[..., :V]
         t_logits = mb.teacher_logits[..., :V]
-        loss, per_token = distill_loss(logits, t_logits, mb.response_mask, cfg.divergence,
-                                       n_tokens, cfg.temperature, cfg.jsd_beta)
+        _, per_token = distill_loss(logits, t_logits, mb.response_mask, cfg.divergence,
+                                    n_tokens, cfg.temperature, cfg.jsd_beta)
         term = topk(logits, t_logits, temperature=cfg.temperature) if topk is not None else None
         if recorder is not None:
             recorder.record(mb.rows, logits.detach(), t_logits)
-        return with_topk(loss, per_token, term, mb, n_tokens)
+        return with_topk(per_token, term, mb, n_tokens)
 
     def chunked_full_loss(mb: RolloutBatch, n_tokens: float):
         """The same loss from the student's hidden states, its logits made `logits_chunk_size` positions at a time
@@ -103,8 +117,7 @@ def make_loss_fn(models: DistillModels, cfg: DistillConfig, precision: Precision
         term = [out[2 if shared else 1]] if topk is not None else []
         if record:
             recorder.record_figures(mb.rows, dict(zip(STATE_FIGURES, figures.unbind(-1))))
-        loss = masked_sum(per_token, mb.response_mask.bool()) / n_tokens
-        return with_topk(loss, per_token, term[0] if term else None, mb, n_tokens)
+        return with_topk(per_token, term[0] if term else None, mb, n_tokens)
 
     def sampled_loss(mb: RolloutBatch, n_tokens: float):
         with precision.autocast_ctx():
@@ -143,6 +156,11 @@ def check_student_options(cfg: DistillConfig, where: str) -> None:
         raise RecipeError(f"{where}: `distill.topk_forward_kl_coef: {cfg.topk_forward_kl_coef}` needs the teacher's "
                           "logits at every state, which only `distill.estimator: full` keeps; use the full estimator "
                           "or set the coefficient to 0.")
+    if cfg.eos_weight < 0:
+        raise RecipeError(f"{where}: `distill.eos_weight: {cfg.eos_weight}` must be >= 0 (1: no reweighting).")
+    if cfg.eos_weight != 1.0 and cfg.estimator != "full":
+        raise RecipeError(f"{where}: `distill.eos_weight: {cfg.eos_weight}` needs the teacher's logits at every "
+                          "state, which only `distill.estimator: full` keeps; use the full estimator or set it to 1.")
 
 
 def student_param_groups(models: DistillModels, cfg: DistillConfig) -> list[dict]:
