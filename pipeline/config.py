@@ -377,6 +377,10 @@ class DistillConfig(OnPolicyConfig):
     # few states where the teacher would stop are not drowned by the rest (`rl.eos_state_weights`); full estimator
     # only, not the cross-entropy warm-up. 1: off.
     eos_weight: float = 1.0
+    # Sampling temperature of the student's own rollouts (None: `temperature`, which the teacher's rollouts and the
+    # loss keep). Low (e.g. 0.1, near greedy): the student is trained on the states it visits when evaluated
+    # greedily, repetition loops included (DAgger's "the learner's own test-time states"). Full estimator only.
+    student_temperature: Optional[float] = None
     # Optional warm-up before the mixture iterations: `warmup_iterations` batches of fixed demonstrations
     # (prompt + completion rows, e.g. the SFT data) whose states the teacher labels; no sampling, so a
     # batch costs a fraction of a sampled one (GKD's supervised part). Divergence: `warmup_divergence`,

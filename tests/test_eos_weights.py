@@ -80,3 +80,32 @@ def test_eos_weight_needs_the_full_estimator():
         Distill(pair(), PROMPTS, cfg_for(eos_weight=3.0, estimator="sampled"), PREC)
     with pytest.raises(RecipeError, match="eos_weight.*>= 0"):
         Distill(pair(), PROMPTS, cfg_for(eos_weight=-1.0), PREC)
+
+
+# ------------------------------------------------------------------------------ the student's rollout temperature
+
+
+def _student_texts(cfg, seed):
+    torch.manual_seed(0)
+    models = pair()
+    torch.manual_seed(seed)  # the sampler draws from the global generator
+    batch, info = make_rollout(models, PROMPTS[:4], cfg, 0.0, PREC, Throughput(), torch.Generator().manual_seed(0),
+                               student_pass=False)
+    assert not batch.from_teacher.any()
+    return [r.tolist() for r in batch.response_ids]
+
+
+def test_student_temperature_sets_the_students_sampling_only():
+    """At student_temperature 0.01 the student's rollouts are its argmax path whatever the seed; at the loss's
+    temperature (1.0) two seeds give different samples."""
+    hot = cfg_for(temperature=1.0)
+    cold = cfg_for(temperature=1.0, student_temperature=0.01)
+    assert _student_texts(hot, 1) != _student_texts(hot, 2)
+    assert _student_texts(cold, 1) == _student_texts(cold, 2)
+
+
+def test_student_temperature_is_checked():
+    with pytest.raises(RecipeError, match="student_temperature.*> 0"):
+        Distill(pair(), PROMPTS, cfg_for(student_temperature=0.0), PREC)
+    with pytest.raises(RecipeError, match="student_temperature.*estimator: full"):
+        Distill(pair(), PROMPTS, cfg_for(student_temperature=0.1, estimator="sampled"), PREC)

@@ -156,6 +156,13 @@ def check_student_options(cfg: DistillConfig, where: str) -> None:
         raise RecipeError(f"{where}: `distill.topk_forward_kl_coef: {cfg.topk_forward_kl_coef}` needs the teacher's "
                           "logits at every state, which only `distill.estimator: full` keeps; use the full estimator "
                           "or set the coefficient to 0.")
+    if cfg.student_temperature is not None and cfg.student_temperature <= 0:
+        raise RecipeError(f"{where}: `distill.student_temperature: {cfg.student_temperature}` must be > 0 (e.g. 0.1 "
+                          "for nearly greedy rollouts), or unset to sample the student at `distill.temperature`.")
+    if cfg.student_temperature is not None and cfg.estimator != "full":
+        raise RecipeError(f"{where}: `distill.student_temperature` samples the student at another temperature than "
+                          "the loss's, which only `distill.estimator: full` (exact per state, no importance ratio) "
+                          "allows; use the full estimator or unset it.")
     if cfg.eos_weight < 0:
         raise RecipeError(f"{where}: `distill.eos_weight: {cfg.eos_weight}` must be >= 0 (1: no reweighting).")
     if cfg.eos_weight != 1.0 and cfg.estimator != "full":
@@ -293,14 +300,18 @@ def make_rollout(models: DistillModels, examples: list, cfg: DistillConfig, beta
     tok, device, gen, parts = models.tokenizer, next(models.student.parameters()).device, generation or Generation(), []
     coins = (mixture_coins(len(examples), beta, generator) if from_teacher is None else from_teacher).tolist()
     settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    # The student's own rows at `student_temperature` when set (the loss keeps `temperature`).
+    student_settings = (settings if cfg.student_temperature is None
+                        else replace(settings, temperature=cfg.student_temperature))
     with timer.time("generate"):
         for start, end, seed in gen.chunks(len(examples)):
             for flag, model in ((True, models.teacher), (False, models.student)):
                 rows = [ex for ex, f in zip(examples[start:end], coins[start:end]) if f == flag]
                 if not rows:
                     continue
-                part = sample_rows(model, tok, rows, settings, device, gen, None if seed is None else
-                                   chunk_seed(seed, flag), precision.autocast_ctx(), models.vocab_size)
+                seed_here = None if seed is None else chunk_seed(seed, flag)
+                part = sample_rows(model, tok, rows, settings if flag else student_settings, device, gen,
+                                   seed_here, precision.autocast_ctx(), models.vocab_size)
                 part.from_teacher = torch.full((len(rows),), flag, dtype=torch.bool, device=device)
                 parts.append(part)
     batch = concat_batches(parts, tok.pad_token_id)
