@@ -1,5 +1,7 @@
-"""`rl.losses.eos_state_weights` (`distill.eos_weight`): per-state weights 1 + (w - 1) p_teacher(EOS), against hand-computed
-values, and their effect on the distillation loss of tiny random models (both logits paths)."""
+"""Two knobs for a cut student that does not stop (issue #20): `distill.eos_weight` (`rl.losses.eos_state_weights`:
+per-state weights 1 + (w - 1) p_teacher(EOS), against hand-computed values, and their effect on the loss of tiny
+random models, both logits paths) and `distill.student_temperature` (the student's own rollouts sampled at their own
+temperature)."""
 
 from __future__ import annotations
 
