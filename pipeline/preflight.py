@@ -198,6 +198,8 @@ RANGES: dict[type, dict[str, Range]] = {
         "heldout_batch_size": _r(COUNT, "prompts per generate call in the held-out evaluation"),
         "topk_forward_kl_coef": _r(NONNEG, "the weight of the top-k forward-KL term; 0: off"),
         "topk_forward_kl_k": _r(COUNT, "the teacher's top tokens in the top-k forward-KL term"),
+        "eos_weight": _r(NONNEG, "the loss weight at a state where the teacher surely stops; 1: off"),
+        "student_temperature": _r(POSITIVE, "the sampling temperature of the student's own rollouts; null: `temperature`"),
     },
     KeepLayersConfig: {
         "neighbour_lr_scale": _r(POSITIVE, "the lr factor of the kept layers next to a removed block; 1.0: off"),
@@ -350,6 +352,10 @@ def check_distill_config(cfg: DistillConfig, where: str) -> None:
         raise RecipeError(f"{where}: `distill.topk_forward_kl_coef: {cfg.topk_forward_kl_coef}` needs the teacher's "
                           "logits at every state, which only `distill.estimator: full` keeps; use the full estimator "
                           "or set the coefficient to 0.")
+    for key, off in (("eos_weight", 1.0), ("student_temperature", None)):
+        if getattr(cfg, key) != off and cfg.estimator != "full":
+            raise RecipeError(f"{where}: `distill.{key}: {getattr(cfg, key)}` needs the teacher's logits at every "
+                              "state, which only `distill.estimator: full` keeps; use the full estimator or drop it.")
     if cfg.student.from_teacher is not None:
         check_keep_layers(cfg.student.from_teacher.keep_layers, None, where)
 

@@ -129,6 +129,8 @@ def test_out_of_range_values_are_refused(env, capsys, override, key, rule):
     (["distill.micro_batch_size=16"], ["`distill.micro_batch_size` (16)", "must be <= minibatch_size"]),
     (["distill.estimator=sampled", "distill.divergence=forward_kl"], ["`distill.estimator: sampled`", "estimator: full"]),
     (["distill.estimator=sampled", "distill.topk_forward_kl_coef=0.5"], ["`distill.topk_forward_kl_coef: 0.5`", "estimator: full"]),
+    (["distill.estimator=sampled", "distill.eos_weight=5"], ["`distill.eos_weight: 5", "estimator: full"]),
+    (["distill.estimator=sampled", "distill.student_temperature=0.1"], ["`distill.student_temperature: 0.1`", "estimator: full"]),
     (["ppo.logprobs_from=sampler", "ppo.top_p=0.9"], ["`ppo.logprobs_from: sampler`", "`ppo.top_p: 0.9`"]),
     (["distill.student.name_or_path=m"], ["`distill.student` needs exactly one of"]),
     (["distill.warmup_iterations=3"], ["needs `distill.warmup_data`"]),
