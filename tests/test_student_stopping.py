@@ -80,7 +80,7 @@ def test_eos_weight_reweights_each_states_loss(chunk):
 def test_eos_weight_needs_the_full_estimator():
     with pytest.raises(RecipeError, match="eos_weight.*estimator: full"):
         Distill(pair(), PROMPTS, cfg_for(eos_weight=3.0, estimator="sampled"), PREC)
-    with pytest.raises(RecipeError, match="eos_weight.*>= 0"):
+    with pytest.raises(RecipeError, match="eos_weight. must be >= 0"):
         Distill(pair(), PROMPTS, cfg_for(eos_weight=-1.0), PREC)
 
 
@@ -107,7 +107,7 @@ def test_student_temperature_sets_the_students_sampling_only():
 
 
 def test_student_temperature_is_checked():
-    with pytest.raises(RecipeError, match="student_temperature.*> 0"):
+    with pytest.raises(RecipeError, match="student_temperature. must be > 0"):
         Distill(pair(), PROMPTS, cfg_for(student_temperature=0.0), PREC)
     with pytest.raises(RecipeError, match="student_temperature.*estimator: full"):
         Distill(pair(), PROMPTS, cfg_for(student_temperature=0.1, estimator="sampled"), PREC)

@@ -37,11 +37,12 @@ from ..onpolicy import (
     sample_rows, unwrap_for_generation,
 )
 from ..preflight import check_distill_config as check_config
+from ..preflight import range_of
 from ..rlmodels import DistillModels
 from ..rlmodels import build_distill_models as build_models
 from ..rl import (
-    distill_loss, divergence_fn, eos_state_weights, masked_sum, mixture_beta, mixture_coins, sampled_rewards, student_state_figures,
-    logprobs_from_logits, masked_mean, policy_loss
+    distill_loss, divergence_fn, eos_state_weights, masked_sum, mixture_beta, mixture_coins, sampled_rewards,
+    student_state_figures, logprobs_from_logits, masked_mean, policy_loss
 )
 from ..rl.chunked import chunked_divergences
 from ..rl.kl import STATE_FIGURES, reverse_kl_with_figures, student_state_figures_stacked
@@ -151,23 +152,12 @@ def make_cross_entropy_loss_fn(models: DistillModels, cfg: DistillConfig, precis
 
 
 def check_student_options(cfg: DistillConfig, where: str) -> None:
-    """The options of a cut student's training that must fit the rest of the settings."""
-    if cfg.topk_forward_kl_coef > 0 and cfg.estimator != "full":
-        raise RecipeError(f"{where}: `distill.topk_forward_kl_coef: {cfg.topk_forward_kl_coef}` needs the teacher's "
-                          "logits at every state, which only `distill.estimator: full` keeps; use the full estimator "
-                          "or set the coefficient to 0.")
-    if cfg.student_temperature is not None and cfg.student_temperature <= 0:
-        raise RecipeError(f"{where}: `distill.student_temperature: {cfg.student_temperature}` must be > 0 (e.g. 0.1 "
-                          "for nearly greedy rollouts), or unset to sample the student at `distill.temperature`.")
-    if cfg.student_temperature is not None and cfg.estimator != "full":
-        raise RecipeError(f"{where}: `distill.student_temperature` samples the student at another temperature than "
-                          "the loss's, which only `distill.estimator: full` (exact per state, no importance ratio) "
-                          "allows; use the full estimator or unset it.")
-    if cfg.eos_weight < 0:
-        raise RecipeError(f"{where}: `distill.eos_weight: {cfg.eos_weight}` must be >= 0 (1: no reweighting).")
-    if cfg.eos_weight != 1.0 and cfg.estimator != "full":
-        raise RecipeError(f"{where}: `distill.eos_weight: {cfg.eos_weight}` needs the teacher's logits at every "
-                          "state, which only `distill.estimator: full` keeps; use the full estimator or set it to 1.")
+    """The ranges (`preflight.RANGES`) of the student options for a config built in code; a recipe's are checked
+    when it is read. How the options fit the estimator: `preflight.check_distill_config`, called beside this."""
+    for key in ("eos_weight", "student_temperature"):
+        value, rng = getattr(cfg, key), range_of(DistillConfig, key)
+        if value is not None and value not in rng:
+            raise RecipeError(f"{where}: `distill.{key}` must be {rng.describe()}, got {value!r}.")
 
 
 def student_param_groups(models: DistillModels, cfg: DistillConfig) -> list[dict]:
