@@ -29,6 +29,7 @@ _CASE = ("change_case:english_capital", "change_case:english_lowercase", "change
 class Format:
     requested_by: tuple[str, ...]  # instruction ids that ask for this format (or that it would break)
     apply: Callable[[str], str]
+    probe_only: bool = False  # measured by `format_bias`, not yet in the data script's pairs
 
 
 FORMATS: dict[str, Format] = {
@@ -38,6 +39,16 @@ FORMATS: dict[str, Format] = {
     "title": Format(("detectable_format:title",), lambda t: f"<<A Short Answer>>\n\n{t}"),
     "postscript": Format(("detectable_content:postscript", "startend:end_checker"),
                          lambda t: f"{t}\n\nP.S. I hope this helps."),
+    # The contact line of the SFT data's placeholder demonstrations, which PPO learned to append to answers that
+    # never asked for placeholders (docs/results.md, `recipes/ifeval.yaml`'s first run). It adds words, a
+    # sentence, capitals and a new last phrase, so every id it could break counts as asking for it.
+    "placeholders": Format(("detectable_content:number_placeholders", "startend:end_checker",
+                            "detectable_content:postscript", "startend:quotation", "detectable_format:json_format",
+                            "length_constraints:number_words", "length_constraints:number_sentences",
+                            "keywords:forbidden_words", "keywords:frequency", "keywords:letter_frequency",
+                            "language:response_language") + _CASE,
+                           lambda t: f"{t} You can reach [name] at [email] or visit [address] for more.",
+                           probe_only=True),
 }
 
 
@@ -86,7 +97,9 @@ def format_negative_pairs(prefs: list[dict], rng: random.Random, per_format: int
     rng.shuffle(order)
     used: set[int] = set()
     out: list[dict] = []
-    for name in FORMATS:
+    for name, fmt in FORMATS.items():
+        if fmt.probe_only:
+            continue
         n = 0
         for j in order:
             if n >= per_format:
