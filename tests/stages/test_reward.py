@@ -80,6 +80,6 @@ def test_reward_stage_probes_unrequested_formats_on_held_out_pairs(tmp_path, tin
     s = run_recipe(recipe)["reward"]
     shares = {k: v for k, v in s.items() if k.startswith("rm/format_bias/")}
     assert set(shares) == {"rm/format_bias/quotes", "rm/format_bias/upper", "rm/format_bias/title",
-                           "rm/format_bias/postscript"}  # "lower": the chosen answers are lower case already
+                           "rm/format_bias/postscript", "rm/format_bias/placeholders"}  # "lower": lower case already
     assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in shares.values())  # shares of the 3 probed rows
-    assert s["rm/format_bias"] == sum(shares.values()) / 4 and 0 <= s["rm/format_bias_before"] <= 1
+    assert s["rm/format_bias"] == sum(shares.values()) / 5 and 0 <= s["rm/format_bias_before"] <= 1
