@@ -54,8 +54,10 @@ def per_id_table(base_spec: str, spec: str, set_name: str) -> str:
 
 def passes(spec: str, set_name: str) -> tuple[str, dict[int, bool], dict]:
     mine = rows_of(spec, set_name)
-    kl = [r["kl"] / max(r["length"], 1) for r in mine if "kl" in r]
-    return spec, {r["index"]: r["passed"] for r in mine}, {"kl_per_token": sum(kl) / len(kl) if kl else None}
+    scored = [r for r in mine if "kl" in r]
+    # The eval stage's `kl`: the answers' summed KL over their summed tokens (not a mean of per-answer ratios).
+    kl = sum(r["kl"] for r in scored) / max(1, sum(r["length"] for r in scored)) if scored else None
+    return spec, {r["index"]: r["passed"] for r in mine}, {"kl_per_token": kl}
 
 
 def ppo_figures(eval_dir: str) -> dict:

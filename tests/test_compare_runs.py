@@ -31,3 +31,17 @@ def test_per_id_flags_the_id_the_other_run_lost(tmp_path):
     assert rows["x:a"] == ["10", "1.00", "0.20", "0", "8", "0.0078", "REGRESSION"]
     assert rows["x:b"] == ["10", "0.00", "0.20", "2", "0", "0.5", ""]
     assert "baseline" in out and "pass 0.000 on 10 prompts" in out
+
+
+def test_kl_per_token_is_the_eval_stages_summed_kl_over_summed_tokens(tmp_path):
+    # Two answers: KL 3 over 1 token and KL 1 over 9 tokens -> (3 + 1) / (1 + 9) = 0.4 (a mean of ratios gives 1.56).
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare_runs
+
+    d = tmp_path / "run" / "eval"
+    d.mkdir(parents=True)
+    rows = [{"set": "heldout", "model": "ppo", "index": i, "passed": True, "instructions": [], "kl": kl, "length": n}
+            for i, (kl, n) in enumerate([(3.0, 1), (1.0, 9)])]
+    (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, _, figures = compare_runs.passes(f"{d}:ppo", "heldout")
+    assert abs(figures["kl_per_token"] - 0.4) < 1e-12
